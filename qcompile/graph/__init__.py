@@ -1,0 +1,1 @@
+"""Helpers over onnx_ir: io (load, atomic save), queries, notes."""

@@ -1,0 +1,1 @@
+"""Quantization specs (what a tensor becomes) and the qparams math, in numpy."""
