@@ -1,0 +1,21 @@
+"""Compiler passes on onnx-ir, one per module. The pipeline (``qcompile.pipeline``) orders them."""
+
+from qcompile.passes.annotate import AnnotatePass
+from qcompile.passes.assign_qparams import AssignQParamsPass
+from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
+from qcompile.passes.derive_bias import DeriveBiasPass
+from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.insert_observers import InsertObserversPass
+from qcompile.passes.place_qdq import PlaceQDQPass
+from qcompile.passes.remove_dropout import RemoveDropoutPass
+
+__all__ = [
+    "AnnotatePass",
+    "AssignQParamsPass",
+    "DecomposeBatchNormPass",
+    "DeriveBiasPass",
+    "FoldBatchNormPass",
+    "InsertObserversPass",
+    "PlaceQDQPass",
+    "RemoveDropoutPass",
+]

@@ -1,0 +1,252 @@
+"""The Python API: ``compile_model`` and ``verify``. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from qcompile import __version__
+from qcompile.data import FeedSource, feeds_from_iterable, feeds_from_path, input_specs, limit, random_feeds, split_holdout
+from qcompile.errors import InternalError, UsageError
+from qcompile.graph.io import load_model, save_model_atomic, write_bytes_atomic
+from qcompile.graph.notes import notes
+from qcompile.graph.queries import opset_version
+from qcompile.options import CompileOptions
+from qcompile.pipeline import PassRunner, compile_ir
+from qcompile.quant.spec import DECISION_KEY
+from qcompile.report.model import CompileReport, FloatNode, QuantizationSummary
+from qcompile.verify.compare import VerificationResult, compare_models
+
+CalibrationData = str | os.PathLike | FeedSource | Iterable[Any]
+RANDOM = "random"
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    report: CompileReport
+    verification: VerificationResult | None
+
+    @property
+    def verification_passed(self) -> bool:
+        return self.report.verification is None or bool(self.report.verification.get("passed", True))
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the report (``PATH.report.json``) first, then the model: the model file is the commit point."""
+        path = Path(path)
+        if path.exists() and not force:
+            save_model_atomic(self.model, path, force=False)  # raises OutputExistsError
+        self.report.output_path = str(path)
+        write_bytes_atomic(report_path(path), self.report.to_json_text().encode())
+        save_model_atomic(self.model, path, force=True)
+        return path
+
+
+def report_path(model_path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(model_path)}.report.json")
+
+
+def _feed_source(data: CalibrationData, specs, role: str, options: CompileOptions) -> FeedSource:
+    if isinstance(data, FeedSource):
+        return data
+    if isinstance(data, str) and data == RANDOM:
+        return random_feeds(specs, options.calibration.random_samples, options.calibration.seed)
+    if isinstance(data, (str, os.PathLike)):
+        return feeds_from_path(data, specs, role=role)
+    return feeds_from_iterable(data, specs, role=role)
+
+
+def compile_model(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    calibration: CalibrationData,
+    options: CompileOptions | None = None,
+    *,
+    verify_data: CalibrationData | None = None,
+) -> CompileResult:
+    """Quantize ``model`` to an int8 QDQ model calibrated on ``calibration``, and verify it.
+
+    ``calibration``: a folder of .npz files, a .npz/.npy file, an iterable of feed dicts (or a torch
+    DataLoader), a ``FeedSource``, or ``"random"`` (a loud warning in the report). Without
+    ``verify_data``, verification uses a held-out part of the calibration data (said in the report).
+    The input model is never modified.
+    """
+    options = options or CompileOptions()
+    start = time.perf_counter()
+    loaded = load_model(model)
+    float_proto = ir.to_proto(loaded.model)
+    float_size = float_proto.ByteSize()
+    specs = input_specs(loaded.model)
+    warnings: list[str] = []
+    report_notes = list(loaded.notes)
+
+    calib = _feed_source(calibration, specs, "calibration", options)
+    is_random = isinstance(calibration, str) and calibration == RANDOM
+    if is_random:
+        warnings.append(
+            "calibrated on RANDOM data: ranges do not reflect real inputs; accuracy on real data is unknown"
+        )
+    verify_source = None
+    if options.verification.enabled:
+        if verify_data is not None:
+            verify_source = _feed_source(verify_data, specs, "verification", options)
+            verify_desc = verify_source.describe()
+        else:
+            calib, verify_source = split_holdout(calib, options.verification.holdout_fraction)
+            verify_desc = f"held-out part of the calibration data ({verify_source.describe()})"
+            report_notes.append(f"no verification data given: verified on {verify_desc}")
+        if options.verification.max_samples:
+            verify_source = limit(verify_source, options.verification.max_samples)
+    if options.calibration.max_samples:
+        calib = limit(calib, options.calibration.max_samples)
+
+    runner = PassRunner(options)
+    qmodel, calibration_summary = compile_ir(loaded.model, calib, len(calib), runner)
+    _check_output_bounds(qmodel, options)
+    qmodel.metadata_props["qcompile.version"] = __version__
+    qmodel.metadata_props["qcompile.options"] = json.dumps(options.to_dict(), sort_keys=True)
+    qmodel.metadata_props["qcompile.calibration_fingerprint"] = calibration_summary.fingerprint
+    quant_proto = ir.to_proto(qmodel)
+    try:
+        onnx.checker.check_model(quant_proto)
+    except onnx.checker.ValidationError as exc:
+        raise InternalError(f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+    verification = None
+    verification_json = None
+    if verify_source is not None:
+        layer_names = _layer_names(qmodel, float_proto) if options.verification.per_layer else None
+        verification = compare_models(
+            float_proto, quant_proto, verify_source, show_progress=options.show_progress, layer_names=layer_names
+        )
+        verification_json = _verdict(verification, options.verification.min_sqnr, verify_desc)
+
+    report = CompileReport(
+        qcompile_version=__version__,
+        source=loaded.source,
+        options=options.to_dict(),
+        passes=runner.records,
+        quantization=_quantization_summary(qmodel),
+        float_size_bytes=float_size,
+        quantized_size_bytes=quant_proto.ByteSize(),
+        opset=opset_version(qmodel),
+        domains=sorted({n.domain or "ai.onnx" for n in quant_proto.graph.node}),
+        output_ops=dict(Counter(n.op_type for n in quant_proto.graph.node)),
+        calibration={
+            "source": calib.describe(),
+            "random": is_random,
+            "feeds": calibration_summary.feeds,
+            "samples": calibration_summary.samples,
+            "seconds": round(calibration_summary.seconds, 4),
+            "fingerprint": calibration_summary.fingerprint,
+        },
+        verification=verification_json,
+        notes=report_notes + notes(qmodel),
+        warnings=warnings,
+        seconds=time.perf_counter() - start,
+    )
+    # Pass notes are printed with their pass; keep the top-level list for load/data notes.
+    report.notes = report_notes
+    return CompileResult(model=quant_proto, report=report, verification=verification)
+
+
+def _verdict(result: VerificationResult, min_sqnr: float | None, data_desc: str) -> dict[str, Any]:
+    out = result.to_json()
+    out["data"] = data_desc
+    out["min_sqnr_threshold"] = min_sqnr
+    out["passed"] = result.passed(min_sqnr)
+    if min_sqnr is None:
+        out["verdict"] = f"ran on CPU; no threshold set (lowest output SQNR {result.min_sqnr:.2f} dB)"
+    elif out["passed"]:
+        out["verdict"] = f"PASS: lowest output SQNR {result.min_sqnr:.2f} dB >= {min_sqnr} dB"
+    else:
+        out["verdict"] = f"FAIL: lowest output SQNR {result.min_sqnr:.2f} dB < {min_sqnr} dB"
+    return out
+
+
+def _check_output_bounds(model: ir.Model, options: CompileOptions) -> None:
+    opset = opset_version(model)
+    if options.output.max_opset is not None and opset > options.output.max_opset:
+        raise UsageError(
+            f"the model uses opset {opset}, above max_opset {options.output.max_opset} "
+            "(qcompile does not lower opsets)"
+        )
+    if not options.output.allow_contrib_ops:
+        contrib = sorted({n.domain for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
+        if contrib:
+            raise UsageError(f"no_contrib_ops was asked but the input model already uses domains {contrib}")
+
+
+def _quantization_summary(model: ir.Model) -> QuantizationSummary:
+    quantized: Counter = Counter()
+    float_nodes: list[FloatNode] = []
+    for node in model.graph:
+        decision = node.meta.get(DECISION_KEY)
+        if decision is None:
+            continue
+        if decision.quantized:
+            quantized[node.op_type] += 1
+        else:
+            float_nodes.append(FloatNode(node.name or "", node.op_type, decision.reason))
+    kinds: Counter = Counter()
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            kinds["activations"] += 1
+        elif node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
+            dtype = node.inputs[0].dtype
+            kinds[{ir.DataType.INT8: "weights", ir.DataType.INT32: "biases"}.get(dtype, "constants")] += 1
+    return QuantizationSummary(
+        quantized_ops=dict(quantized),
+        float_nodes=float_nodes,
+        activations=kinds["activations"],
+        weights=kinds["weights"],
+        biases=kinds["biases"],
+        constants=kinds["constants"],
+    )
+
+
+def _layer_names(model: ir.Model, float_proto: onnx.ModelProto) -> list[str]:
+    """Outputs of quantized nodes that the float model also has, in graph order."""
+    float_names = {o for n in float_proto.graph.node for o in n.output}
+    names = []
+    for node in model.graph:
+        decision = node.meta.get(DECISION_KEY)
+        if decision is not None and decision.quantized:
+            names += [o.name for o in node.outputs if o.name in float_names and o.name not in names]
+    return names
+
+
+def verify(
+    float_model: str | os.PathLike | onnx.ModelProto,
+    quant_model: str | os.PathLike | onnx.ModelProto,
+    data: CalibrationData,
+    *,
+    min_sqnr: float | None = None,
+    per_layer: bool = False,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Compare a quantized model with its float original on ``data``.
+
+    Returns the verification as a JSON-ready dict with ``passed`` (against ``min_sqnr``) and a
+    ``verdict`` line; the CLI turns a failed verdict into exit code 5.
+    """
+    float_loaded = load_model(float_model)
+    quant_loaded = load_model(quant_model)
+    options = CompileOptions()
+    source = _feed_source(data, input_specs(float_loaded.model), "verification", options)
+    float_proto = ir.to_proto(float_loaded.model)
+    quant_proto = ir.to_proto(quant_loaded.model)
+    layer_names = None
+    if per_layer:
+        quant_outputs = {o for n in quant_proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") for o in n.output}
+        layer_names = [o for n in float_proto.graph.node for o in n.output if o in quant_outputs]
+    result = compare_models(float_proto, quant_proto, source, show_progress=show_progress, layer_names=layer_names)
+    return _verdict(result, min_sqnr, source.describe())

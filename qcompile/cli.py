@@ -1,0 +1,186 @@
+"""The command line: ``qcompile compile | verify | inspect | demo``.
+
+Errors become one line on stderr (``error: ...``, or a JSON object with ``--json``) and the exit code
+of their class (see ``qcompile.errors``); no traceback unless ``QCOMPILE_DEBUG=1``. Flags map onto
+option fields in exactly one function, ``_options_from_flags``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qcompile.errors import InternalError, QcompileError, UsageError, VerificationFailedError
+from qcompile.options import (
+    ActivationDType,
+    CalibrationMethod,
+    CalibrationOptions,
+    CompileOptions,
+    OutputOptions,
+    SchemeOptions,
+    VerificationOptions,
+    WeightGranularity,
+)
+
+
+def _fail(error: QcompileError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": error.message, "kind": type(error).__name__, "exit_code": error.exit_code}))
+    else:
+        click.echo(f"error: {error.message}", err=True)
+    sys.exit(error.exit_code)
+
+
+class _Group(click.Group):
+    """Turns qcompile errors (and unexpected ones) into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        as_json = "--json" in sys.argv[1:] or "--json" in (ctx.protected_args + ctx.args)
+        try:
+            return super().invoke(ctx)
+        except QcompileError as error:
+            _fail(error, as_json)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug: one line unless debugging
+            if os.environ.get("QCOMPILE_DEBUG"):
+                raise
+            _fail(InternalError(f"internal error ({type(exc).__name__}): {exc}"), as_json)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="qcompile")
+def main() -> None:
+    """qcompile: ahead-of-time int8 quantization for ONNX models."""
+
+
+def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
+    """The one mapping from CLI flags to option fields."""
+    return CompileOptions(
+        scheme=SchemeOptions(
+            activation_dtype=flags["activation_dtype"],
+            weight_granularity=flags["weight_granularity"],
+            keep_float=tuple(flags["keep_float"]),
+        ),
+        calibration=CalibrationOptions(
+            method=flags["calibration_method"],
+            max_samples=flags["calibration_max_samples"],
+            random_samples=flags["random_samples"],
+            seed=flags["seed"],
+        ),
+        verification=VerificationOptions(
+            enabled=not flags["no_verify"],
+            min_sqnr=flags["min_sqnr"],
+            per_layer=flags["per_layer"],
+        ),
+        output=OutputOptions(max_opset=flags["max_opset"], allow_contrib_ops=not flags["no_contrib_ops"]),
+        dump_ir_after=tuple(flags["dump_ir_after"]),
+        show_progress=not flags["quiet"],
+    )
+
+
+def _choice(enum_cls) -> click.Choice:
+    return click.Choice([e.value for e in enum_cls])
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Output .onnx path.")
+@click.option("--calib", "--calibration", "calibration", required=True,
+              help="Calibration data: a folder of .npz files, a .npz/.npy file, or 'random'.")
+@click.option("--verify-data", type=click.Path(path_type=Path), default=None,
+              help="Verification data (same formats); default: a held-out part of the calibration data.")
+@click.option("--activation-dtype", type=_choice(ActivationDType), default=ActivationDType.UINT8.value, show_default=True)
+@click.option("--weight-granularity", type=_choice(WeightGranularity), default=WeightGranularity.PER_CHANNEL.value, show_default=True)
+@click.option("--keep-float", multiple=True, help="Node name, name pattern (fnmatch) or op type to keep in float. Repeatable.")
+@click.option("--calibration-method", type=_choice(CalibrationMethod), default=CalibrationMethod.MINMAX.value, show_default=True)
+@click.option("--calibration-max-samples", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--random-samples", type=int, default=32, show_default=True, help="Samples drawn with --calib random.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")
+@click.option("--per-layer", is_flag=True, help="Report SQNR of every quantized tensor.")
+@click.option("--no-verify", is_flag=True, help="Skip verification.")
+@click.option("--max-opset", type=int, default=None, help="Highest opset the output may use.")
+@click.option("--no-contrib-ops", is_flag=True, help="The output may use only the default ONNX domain.")
+@click.option("--dump-ir-after", multiple=True, help="Print the IR after this pass ('all' for every pass).")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars or report on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (or the error) as JSON.")
+def compile_command(model: Path, output: Path, calibration: str, verify_data: Path | None, force: bool, as_json: bool, **flags) -> None:
+    """Quantize MODEL to an int8 QDQ model at OUTPUT, verified against the float model."""
+    from qcompile.api import compile_model, report_path
+    from qcompile.graph.io import write_bytes_atomic
+
+    if output.exists() and not force:
+        raise UsageError(f"output {output} exists; pass --force to overwrite it")
+    if output.resolve() == model.resolve():
+        raise UsageError("the output path is the input model; choose another path")
+    options = _options_from_flags(flags)
+    result = compile_model(model, calibration, options, verify_data=verify_data)
+    if not result.verification_passed:
+        # The gate failed: the report says why; no model is written.
+        result.report.output_path = None
+        write_bytes_atomic(report_path(output), result.report.to_json_text().encode())
+        _print_report(result.report, as_json, options.show_progress)
+        raise VerificationFailedError(f"{result.report.verification['verdict']} (report: {report_path(output)})")
+    result.save(output, force=force)
+    _print_report(result.report, as_json, options.show_progress)
+    if not as_json and options.show_progress:
+        click.echo(f"\nwrote {output} and {report_path(output)}")
+
+
+def _print_report(report, as_json: bool, verbose: bool) -> None:
+    if as_json:
+        click.echo(report.to_json_text())
+    elif verbose:
+        click.echo(report.render_text())
+
+
+@main.command("verify")
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quant_model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Verification data: a folder of .npz files or a .npz/.npy file.")
+@click.option("--min-sqnr", type=float, default=None, help="Exit 5 when an output's SQNR in dB is below this.")
+@click.option("--per-layer", is_flag=True, help="Also report SQNR of every tensor both models have.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_command(float_model: Path, quant_model: Path, data: str, min_sqnr: float | None, per_layer: bool, as_json: bool) -> None:
+    """Compare QUANT_MODEL with FLOAT_MODEL on DATA (onnxruntime, CPU)."""
+    from qcompile.api import verify
+    from qcompile.report.text import render_verification
+
+    verdict = verify(float_model, quant_model, data, min_sqnr=min_sqnr, per_layer=per_layer)
+    click.echo(json.dumps(verdict, indent=2) if as_json else render_verification(verdict))
+    if not verdict["passed"]:
+        raise VerificationFailedError(verdict["verdict"])
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_command(model: Path, as_json: bool) -> None:
+    """Ops, parameters, size, opset, and what would be quantized."""
+    from qcompile.inspect import inspect_model
+
+    info = inspect_model(model)
+    click.echo(json.dumps(info.to_json(), indent=2) if as_json else info.render_text())
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for the models and report (default: a new temporary folder).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def demo_command(out_dir: Path | None, seed: int, quiet: bool) -> None:
+    """Train a small conv net on scikit-learn's digits, export, compile, verify, report."""
+    from qcompile.demo import run_demo
+
+    outcome = run_demo(out_dir, seed=seed, show_progress=not quiet)
+    click.echo(outcome.render_text())

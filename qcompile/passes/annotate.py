@@ -1,0 +1,280 @@
+"""AnnotatePass: decide what is quantized, writing a spec onto each tensor and a decision onto each node.
+
+Rules (from ``op_rules``), applied in topological order:
+
+1. A node whose op is not in the op table, is kept float by the user, or reads a non-float32 input
+   stays float; its decision carries the reason, which the report prints.
+2. COMPUTE / ELEMENTWISE / UNARY nodes are quantized: their activation inputs get an activation spec
+   (a graph input or a float node's output becomes a float→int boundary), constant weights a
+   symmetric int8 spec (per output channel by default), constant operands of Add/Mul a per-tensor
+   spec of the activation type, and a constant 1-D bias a derived int32 spec.
+3. SHARED (data movement) and FUSABLE_ACTIVATION (Relu, Clip) nodes are quantized only when their
+   input is; CONCAT when any input is.
+4. A quantized node's output is quantized, except (a) when its only consumer is a Relu/Clip that
+   will be quantized (the activation's output carries the qparams: not between Conv and Relu), and
+   (b) for ops whose int8 kernel can return float (Gemm, MatMul) when no consumer is quantized.
+5. Tensors that must share qparams are put in one group: SHARED outputs with their input, Concat
+   inputs with its output.
+
+Precondition: shape inference has run (dtypes are known) and the graph is topologically sorted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.graph.queries import constant_array
+from qcompile.options import ActivationDType, SchemeOptions, WeightGranularity
+from qcompile.passes.op_rules import OpKind, OpRule, rule_for, weight_axis_for
+from qcompile.quant.spec import (
+    ANNOTATION_KEY,
+    DECISION_KEY,
+    ActivationAnnotation,
+    BiasAnnotation,
+    ConstantAnnotation,
+    NodeDecision,
+    QuantDType,
+    QuantSpec,
+    WeightAnnotation,
+)
+
+_DIRECT_KINDS = (OpKind.COMPUTE, OpKind.ELEMENTWISE, OpKind.UNARY)
+
+
+class _Groups:
+    """Union-find over tensor names: tensors in one group share qparams."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def add(self, name: str) -> None:
+        self._parent.setdefault(name, name)
+
+    def find(self, name: str) -> str:
+        root = name
+        while self._parent[root] != root:
+            root = self._parent[root]
+        self._parent[name] = root
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        self.add(a)
+        self.add(b)
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self._parent[rb] = ra
+
+    def members(self) -> list[str]:
+        return list(self._parent)
+
+
+class AnnotatePass(ir.passes.InPlacePass):
+    def __init__(self, scheme: SchemeOptions) -> None:
+        super().__init__()
+        self.scheme = scheme
+        dtype = QuantDType.UINT8 if scheme.activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
+        self._activation_spec = QuantSpec(dtype, symmetric=False)
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def _kept_float_by_user(self, node: ir.Node) -> str | None:
+        for pattern in self.scheme.keep_float:
+            if pattern == node.op_type or (node.name and fnmatch.fnmatchcase(node.name, pattern)):
+                return f"kept float by keep_float {pattern!r}"
+        return None
+
+    def _static_reason(self, node: ir.Node) -> str | None:
+        """Why a node can never be quantized, independent of its neighbours (None: it can)."""
+        rule = rule_for(node.op_type, node.domain)
+        if rule is None:
+            domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
+            return f"op {domain}{node.op_type} is not in the op table"
+        user = self._kept_float_by_user(node)
+        if user:
+            return user
+        data = node.inputs[0] if node.inputs else None
+        if data is None or data.dtype != ir.DataType.FLOAT:
+            dtype = None if data is None else data.dtype
+            return f"its data input is {dtype}, not float32"
+        return None
+
+    def _could_quantize_directly(self, node: ir.Node) -> bool:
+        rule = rule_for(node.op_type, node.domain)
+        return (
+            rule is not None
+            and rule.kind in (*_DIRECT_KINDS, OpKind.CONCAT, OpKind.FUSABLE_ACTIVATION)
+            and self._static_reason(node) is None
+        )
+
+    def _quantize_output(self, rule: OpRule, value: ir.Value) -> bool:
+        consumers = [use.node for use in value.uses()]
+        if not consumers and not value.is_graph_output():
+            return False
+        if (
+            len(consumers) == 1
+            and not value.is_graph_output()
+            and rule_for(consumers[0].op_type, consumers[0].domain) is not None
+            and rule_for(consumers[0].op_type, consumers[0].domain).kind == OpKind.FUSABLE_ACTIVATION
+            and self._static_reason(consumers[0]) is None
+        ):
+            return False
+        if rule.float_output_ok and not any(self._could_quantize_directly(c) for c in consumers):
+            return False
+        return True
+
+    # -- the pass ---------------------------------------------------------------------------
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        groups = _Groups()
+        quantized_values: set[str] = set()
+        weights: dict[str, tuple[ir.Value, WeightAnnotation]] = {}
+        constants: dict[str, ir.Value] = {}
+        biases: dict[str, tuple[ir.Value, BiasAnnotation]] = {}
+        values_by_name: dict[str, ir.Value] = {}
+
+        def mark_activation(value: ir.Value) -> None:
+            quantized_values.add(value.name)
+            values_by_name[value.name] = value
+            groups.add(value.name)
+
+        for node in graph:
+            reason = self._static_reason(node)
+            rule = rule_for(node.op_type, node.domain)
+            quantized = False
+            if reason is None:
+                assert rule is not None
+                if rule.kind in _DIRECT_KINDS:
+                    quantized = True
+                elif rule.kind == OpKind.CONCAT and any(constant_array(v) is not None for v in node.inputs):
+                    reason = "a constant Concat input cannot share the calibrated scale"
+                else:
+                    inputs = node.inputs if rule.kind == OpKind.CONCAT else node.inputs[:1]
+                    # Relu/Clip also follow a quantized producer whose output they take over (rule 4a).
+                    fusable = rule.kind == OpKind.FUSABLE_ACTIVATION
+                    quantized = any(
+                        v is not None and (v.name in quantized_values or (fusable and _from_quantized_node(v)))
+                        for v in inputs
+                    )
+                    if not quantized:
+                        reason = "its input is not quantized (nothing to fuse with)"
+            if not quantized:
+                node.meta[DECISION_KEY] = NodeDecision(False, reason or "")
+                continue
+            assert rule is not None
+            node.meta[DECISION_KEY] = NodeDecision(True)
+            self._annotate_inputs(node, rule, mark_activation, weights, constants, biases)
+
+            # Outputs.
+            if rule.kind == OpKind.SHARED:
+                source = node.inputs[0]
+                for out in node.outputs:
+                    if out.dtype == ir.DataType.FLOAT:
+                        mark_activation(out)
+                        groups.union(source.name, out.name)
+            elif rule.kind == OpKind.CONCAT:
+                out = node.outputs[0]
+                mark_activation(out)
+                for v in node.inputs:
+                    if v is not None and v.name in quantized_values:
+                        groups.union(out.name, v.name)
+            else:
+                for out in node.outputs:
+                    if out.dtype == ir.DataType.FLOAT and self._quantize_output(rule, out):
+                        mark_activation(out)
+
+        # A constant that is an operand of an Add in one place and a weight in another is a weight.
+        for name in list(constants):
+            if name in weights:
+                del constants[name]
+        for name in quantized_values:
+            value = values_by_name[name]
+            value.meta[ANNOTATION_KEY] = ActivationAnnotation(self._activation_spec, groups.find(name))
+        for value, annotation in weights.values():
+            value.meta[ANNOTATION_KEY] = annotation
+        for value in constants.values():
+            value.meta[ANNOTATION_KEY] = ConstantAnnotation(self._activation_spec)
+        for value, annotation in biases.values():
+            value.meta[ANNOTATION_KEY] = annotation
+        return ir.passes.PassResult(model, modified=False)
+
+    def _annotate_inputs(self, node, rule, mark_activation, weights, constants, biases) -> ir.Value | None:
+        inputs = list(node.inputs)
+        if rule.kind == OpKind.FUSABLE_ACTIVATION:
+            # Its input is either fused (the producer's output stays unquantized) or already marked.
+            return None
+        activation_indices = range(len(inputs)) if rule.kind == OpKind.CONCAT else rule.activation_inputs
+        weight_value = None
+        if rule.weight_input is not None and rule.weight_input < len(inputs):
+            candidate = inputs[rule.weight_input]
+            data = constant_array(candidate)
+            if data is not None and candidate.dtype == ir.DataType.FLOAT:
+                weight_value = candidate
+                axis = self._weight_axis(node, rule, data)
+                annotation = WeightAnnotation(QuantSpec(QuantDType.INT8, symmetric=True, axis=axis))
+                previous = weights.get(candidate.name)
+                if previous is not None and previous[1] != annotation:
+                    # Shared by nodes wanting different axes: one scale for the tensor serves both.
+                    annotation = WeightAnnotation(QuantSpec(QuantDType.INT8, symmetric=True, axis=None))
+                weights[candidate.name] = (candidate, annotation)
+        for index in activation_indices:
+            if index >= len(inputs) or inputs[index] is None or inputs[index] is weight_value:
+                continue
+            value = inputs[index]
+            if value.dtype != ir.DataType.FLOAT:
+                continue
+            if constant_array(value) is not None:
+                constants[value.name] = value
+            else:
+                mark_activation(value)
+        if (
+            weight_value is not None
+            and rule.bias_input is not None
+            and rule.bias_input < len(inputs)
+            and inputs[rule.bias_input] is not None
+        ):
+            self._annotate_bias(node, rule, inputs, weight_value, biases)
+        return weight_value
+
+    def _weight_axis(self, node: ir.Node, rule: OpRule, data: np.ndarray) -> int | None:
+        if self.scheme.weight_granularity == WeightGranularity.PER_TENSOR:
+            return None
+        if node.op_type == "ConvTranspose" and _int_attr(node, "group", 1) != 1:
+            # Axis 1 holds C_out/group channels shared by every group: no scale per output channel.
+            return None
+        attributes = {"transB": _int_attr(node, "transB", 0)}
+        return weight_axis_for(rule, attributes, data.ndim)
+
+    def _annotate_bias(self, node, rule, inputs, weight_value, biases) -> None:
+        bias = inputs[rule.bias_input]
+        data = constant_array(bias)
+        activation = inputs[rule.activation_inputs[0]]
+        if data is None or data.ndim != 1 or bias.dtype != ir.DataType.FLOAT:
+            return  # left float: e.g. a Gemm C of shape (M, N) is not a per-channel bias
+        if node.op_type == "Gemm" and (
+            _float_attr(node, "beta", 1.0) != 1.0 or _float_attr(node, "alpha", 1.0) != 1.0 or _int_attr(node, "transA", 0)
+        ):
+            return
+        if bias.name in biases or len(bias.uses()) > 1:
+            return  # a bias shared between layers cannot take two derived scales
+        biases[bias.name] = (bias, BiasAnnotation(input=activation.name, weight=weight_value.name, node=node.name or node.op_type))
+
+
+def _from_quantized_node(value: ir.Value) -> bool:
+    """The value is produced by a node already decided quantized (e.g. a Conv before its Relu)."""
+    producer = value.producer()
+    decision = None if producer is None else producer.meta.get(DECISION_KEY)
+    return decision is not None and decision.quantized
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def _float_attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.value)

@@ -1,0 +1,135 @@
+"""PlaceQDQPass: materialize QuantizeLinear/DequantizeLinear from annotations and qparams.
+
+- Weights, constants and biases are stored as integer initializers (int8 / uint8 / int32) read by a
+  DequantizeLinear, so the file really holds 1-byte weights. Per-channel tensors carry the
+  DequantizeLinear ``axis`` (ONNX opset 13+).
+- An activation ``t`` gets ``t → QuantizeLinear → DequantizeLinear → t_dq`` and every consumer of
+  ``t`` reads ``t_dq`` (a consumer left reading ``t`` would keep onnxruntime from fusing the
+  producer into its int8 kernel). A graph output keeps its name: the producer's tensor is renamed
+  and the DequantizeLinear writes the output.
+- Tensors of one group use the same scale/zero-point initializers.
+
+Precondition: AssignQParamsPass and DeriveBiasPass have run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.graph.queries import constant_array
+from qcompile.quant.qparams import QParams, quantize
+from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ActivationAnnotation
+
+_DTYPES = {
+    "uint8": ir.DataType.UINT8,
+    "int8": ir.DataType.INT8,
+    "int32": ir.DataType.INT32,
+}
+
+
+class PlaceQDQPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self._names = {v.name for v in graph.inputs} | set(graph.initializers)
+        self._names |= {o.name for n in graph for o in n.outputs}
+        self._group_params: dict[str, tuple[ir.Value, ir.Value]] = {}
+        modified = False
+        constants = [v for v in graph.initializers.values() if QPARAMS_KEY in v.meta]
+        constants += [o for n in graph if n.op_type == "Constant" for o in n.outputs if QPARAMS_KEY in o.meta]
+        activations = [v for v in graph.inputs if QPARAMS_KEY in v.meta]
+        activations += [o for n in list(graph) for o in n.outputs if QPARAMS_KEY in o.meta and o not in constants]
+        for value in constants:
+            self._quantize_constant(graph, value)
+            modified = True
+        for value in activations:
+            self._quantize_activation(graph, value)
+            modified = True
+        if modified and model.opset_imports.get("", 0) < 13:
+            model.opset_imports[""] = 13
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def _initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=self._fresh(base), const_value=ir.tensor(array))
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        value.shape = ir.Shape(array.shape)
+        graph.register_initializer(value)
+        return value
+
+    def _scale_zero_point(self, graph: ir.Graph, base: str, qp: QParams) -> tuple[ir.Value, ir.Value]:
+        scale = self._initializer(graph, f"{base}_scale", qp.scale.astype(np.float32))
+        zero_point = self._initializer(graph, f"{base}_zero_point", qp.zero_point)
+        return scale, zero_point
+
+    @staticmethod
+    def _dq_attributes(qp: QParams) -> dict:
+        return {"axis": qp.spec.axis} if qp.spec.axis is not None and qp.scale.ndim == 1 else {}
+
+    def _quantize_constant(self, graph: ir.Graph, value: ir.Value) -> None:
+        qp: QParams = value.meta[QPARAMS_KEY]
+        data = constant_array(value)
+        quantized = self._initializer(graph, f"{value.name}_quantized", quantize(data, qp))
+        scale, zero_point = self._scale_zero_point(graph, value.name, qp)
+        dq = ir.node(
+            "DequantizeLinear",
+            [quantized, scale, zero_point],
+            attributes=self._dq_attributes(qp),
+            outputs=[ir.Value(name=self._fresh(f"{value.name}_dequantized"))],
+            name=self._fresh(f"{value.name}_DequantizeLinear"),
+        )
+        out = dq.outputs[0]
+        out.dtype, out.shape = ir.DataType.FLOAT, value.shape
+        first_use = min((graph.index(u.node) for u in value.uses()), default=0)
+        graph.insert_before(graph.node(first_use), dq)
+        value.replace_all_uses_with(out)
+        if value.is_initializer() and not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+        value.meta.pop(QPARAMS_KEY)
+
+    def _quantize_activation(self, graph: ir.Graph, value: ir.Value) -> None:
+        qp: QParams = value.meta[QPARAMS_KEY]
+        annotation = value.meta.get(ANNOTATION_KEY)
+        group = annotation.group if isinstance(annotation, ActivationAnnotation) else value.name
+        if group not in self._group_params:
+            self._group_params[group] = self._scale_zero_point(graph, group, qp)
+        scale, zero_point = self._group_params[group]
+        uses = list(value.uses())
+        was_output = value.is_graph_output()
+        name = value.name
+        q = ir.node(
+            "QuantizeLinear",
+            [value, scale, zero_point],
+            outputs=[ir.Value(name=self._fresh(f"{name}_quantized"))],
+            name=self._fresh(f"{name}_QuantizeLinear"),
+        )
+        q.outputs[0].dtype, q.outputs[0].shape = _DTYPES[qp.dtype.value], value.shape
+        dq = ir.node(
+            "DequantizeLinear",
+            [q.outputs[0], scale, zero_point],
+            outputs=[ir.Value(name=self._fresh(f"{name}_dequantized"))],
+            name=self._fresh(f"{name}_DequantizeLinear"),
+        )
+        dq_out = dq.outputs[0]
+        dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
+        producer = value.producer()
+        if producer is None:
+            graph.insert_before(graph.node(0), [q, dq]) if len(graph) else graph.extend([q, dq])
+        else:
+            graph.insert_after(producer, [q, dq])
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq_out)
+        if was_output:
+            # The graph output keeps its name: the float tensor is renamed, DQ writes the output.
+            index = list(graph.outputs).index(value)
+            value.name = self._fresh(f"{name}_float")
+            self._names.discard(name)
+            dq_out.name = name
+            graph.outputs[index] = dq_out
+        value.meta.pop(QPARAMS_KEY)

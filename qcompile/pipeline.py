@@ -1,0 +1,210 @@
+"""The compile pipeline: ordered, named pass lists and the loop that runs them.
+
+Every pass has a stable name used in logs, per-pass timing, IR dumps (``dump_ir_after``) and the
+report. Ordering constraints are stated beside each entry.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import _constant_folding
+
+from qcompile.graph.notes import notes
+from qcompile.graph.queries import node_count
+from qcompile.options import CompileOptions
+from qcompile.passes import (
+    AnnotatePass,
+    AssignQParamsPass,
+    DecomposeBatchNormPass,
+    DeriveBiasPass,
+    FoldBatchNormPass,
+    InsertObserversPass,
+    PlaceQDQPass,
+    RemoveDropoutPass,
+)
+from qcompile.quant.qparams import QParams
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, for the report."""
+
+    name: str
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "modified": self.modified,
+            "seconds": round(self.seconds, 6),
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "notes": list(self.notes),
+        }
+
+
+def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
+    """Float-to-float clean-ups run before anything is quantized."""
+    return [
+        # First: a Dropout between Conv and BatchNormalization would block the BN fold.
+        ("remove_dropout", RemoveDropoutPass()),
+        # Weights computed by constant subgraphs (Cast, Reshape of initializers) become initializers,
+        # which BN folding and weight quantization need. onnxscript's folder, on onnx-ir.
+        (
+            "fold_constants",
+            _constant_folding.FoldConstantsPass(
+                shape_inference=False,
+                input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+            ),
+        ),
+        ("fold_batchnorm", FoldBatchNormPass()),
+        # After folding: only BatchNormalization nodes with no foldable producer are left.
+        ("decompose_batchnorm", DecomposeBatchNormPass()),
+        ("eliminate_identity", common_passes.IdentityEliminationPass()),
+        ("remove_unused", common_passes.RemoveUnusedNodesPass()),
+        # Annotation needs dtypes and a topological order.
+        ("infer_shapes", common_passes.ShapeInferencePass(strict_mode=False)),
+        ("sort", common_passes.TopologicalSortPass()),
+    ]
+
+
+def finalize_passes(activation_qparams: dict[str, QParams]) -> list[tuple[str, ir.passes.PassBase]]:
+    """After calibration: numbers, then Q/DQ nodes."""
+    return [
+        ("assign_qparams", AssignQParamsPass(activation_qparams)),
+        # Before placement: an overflowing bias raises its weight's scale, and placement rounds
+        # the weights with the final scales.
+        ("derive_bias", DeriveBiasPass()),
+        ("place_qdq", PlaceQDQPass()),
+        ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
+        ("sort_after_qdq", common_passes.TopologicalSortPass()),
+    ]
+
+
+class PassRunner:
+    """Runs named passes in order, timing each and collecting its notes."""
+
+    def __init__(self, options: CompileOptions, log: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self.records: list[PassRecord] = []
+        self._log = log
+
+    def run(self, model: ir.Model, passes: Iterable[tuple[str, ir.passes.PassBase]]) -> ir.Model:
+        for name, pass_ in passes:
+            model = self.run_one(model, name, pass_).model
+        return model
+
+    def run_one(self, model: ir.Model, name: str, pass_: ir.passes.PassBase) -> ir.passes.PassResult:
+        before_nodes = node_count(model)
+        before_notes = len(notes(model))
+        start = time.perf_counter()
+        result = pass_(model)
+        seconds = time.perf_counter() - start
+        out = result.model
+        new_notes = notes(model)[before_notes:] if out is model else []
+        record = PassRecord(name, bool(result.modified), seconds, before_nodes, node_count(out), new_notes)
+        self.records.append(record)
+        if self._log:
+            self._log(f"{name}: modified={record.modified} nodes {before_nodes}->{record.nodes_after} ({seconds * 1e3:.1f} ms)")
+        dump = self.options.dump_ir_after
+        if name in dump or "all" in dump:
+            print(f"--- IR after {name} ---", file=sys.stderr)
+            print(onnx.printer.to_text(ir.to_proto(out).graph), file=sys.stderr)
+        return result
+
+    def record(self, name: str, seconds: float, model: ir.Model, detail: list[str]) -> None:
+        """A stage that is not a pass (calibration) in the same table."""
+        count = node_count(model)
+        self.records.append(PassRecord(name, False, seconds, count, count, detail))
+
+
+def fingerprint_feeds(feeds: Iterable[dict[str, np.ndarray]], digest) -> Iterable[dict[str, np.ndarray]]:
+    """Pass feeds through while hashing names, dtypes, shapes and bytes (the calibration fingerprint)."""
+    for feed in feeds:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+        yield feed
+
+
+@dataclass
+class CalibrationSummary:
+    feeds: int
+    samples: int
+    seconds: float
+    fingerprint: str
+    tensors: int
+    groups: int
+
+
+def compile_ir(
+    model: ir.Model, calibration_feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
+) -> tuple[ir.Model, CalibrationSummary]:
+    """The whole pipeline on one IR: clean up → annotate → observe → calibrate → Q/DQ.
+
+    ``model`` is modified in place and returned.
+    """
+    import hashlib
+
+    from qcompile.calibration.collect import calibrate
+    from qcompile.calibration.observers import MinMaxObserver
+    from qcompile.passes.insert_observers import activation_groups
+    from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation
+
+    options = runner.options
+    model = runner.run(model, cleanup_passes())
+    model = runner.run(model, [("annotate", AnnotatePass(options.scheme))])
+
+    # Observation model: a copy exposing every annotated activation (the annotated IR is kept).
+    observation = runner.run_one(model, "insert_observers", InsertObserversPass()).model
+    groups = activation_groups(model)
+    specs = {}
+    for value in list(model.graph.inputs) + [o for n in model.graph for o in n.outputs]:
+        annotation = value.meta.get(ANNOTATION_KEY)
+        if isinstance(annotation, ActivationAnnotation):
+            specs[annotation.group] = annotation.spec
+    observers = {group: MinMaxObserver(spec) for group, spec in specs.items()}
+    by_output = {name: observers[group] for name, group in groups.items()}
+
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    stats = calibrate(
+        ir.to_proto(observation),
+        fingerprint_feeds(calibration_feeds, digest),
+        by_output,
+        show_progress=options.show_progress,
+        total=total,
+    )
+    seconds = time.perf_counter() - start
+    del observation
+    activation_qparams = {group: observer.qparams() for group, observer in observers.items()}
+    summary = CalibrationSummary(
+        feeds=stats.feeds,
+        samples=stats.samples,
+        seconds=seconds,
+        fingerprint=digest.hexdigest(),
+        tensors=len(by_output),
+        groups=len(observers),
+    )
+    runner.record(
+        "calibrate",
+        seconds,
+        model,
+        [f"{summary.samples} samples in {summary.feeds} batches; {summary.tensors} tensors in {summary.groups} qparams groups"],
+    )
+    model = runner.run(model, finalize_passes(activation_qparams))
+    return model, summary

@@ -1,0 +1,92 @@
+"""The compile report: what each pass did, what was quantized and what stayed float and why, sizes,
+calibration, and the verification verdict. Rendered as text (``render_text``) and JSON (``to_json``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcompile.pipeline import PassRecord
+
+
+@dataclass(frozen=True)
+class FloatNode:
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class QuantizationSummary:
+    quantized_ops: dict[str, int]
+    float_nodes: list[FloatNode]
+    activations: int
+    weights: int
+    biases: int
+    constants: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "quantized_ops": dict(sorted(self.quantized_ops.items())),
+            "float_nodes": [vars(n) for n in self.float_nodes],
+            "tensors": {
+                "activations": self.activations,
+                "weights": self.weights,
+                "biases": self.biases,
+                "constants": self.constants,
+            },
+        }
+
+
+@dataclass
+class CompileReport:
+    qcompile_version: str
+    source: str
+    options: dict[str, Any]
+    passes: list[PassRecord]
+    quantization: QuantizationSummary
+    float_size_bytes: int
+    quantized_size_bytes: int
+    opset: int
+    domains: list[str]
+    output_ops: dict[str, int]
+    calibration: dict[str, Any]
+    verification: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output_path: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def size_ratio(self) -> float:
+        return self.float_size_bytes / max(self.quantized_size_bytes, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "qcompile_version": self.qcompile_version,
+            "source": self.source,
+            "output_path": self.output_path,
+            "options": self.options,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "passes": [p.to_json() for p in self.passes],
+            "quantization": self.quantization.to_json(),
+            "size": {
+                "float_bytes": self.float_size_bytes,
+                "quantized_bytes": self.quantized_size_bytes,
+                "ratio": round(self.size_ratio, 3),
+            },
+            "output_model": {"opset": self.opset, "domains": self.domains, "ops": dict(sorted(self.output_ops.items()))},
+            "calibration": self.calibration,
+            "verification": self.verification,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, allow_nan=False)
+
+    def render_text(self) -> str:
+        from qcompile.report.text import render_text
+
+        return render_text(self)

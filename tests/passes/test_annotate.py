@@ -1,0 +1,146 @@
+"""AnnotatePass: decisions and specs on tiny graphs (no numbers involved yet)."""
+
+import numpy as np
+import onnx_ir.passes.common as common_passes
+import pytest
+
+from qcompile.options import SchemeOptions, WeightGranularity
+from qcompile.passes import AnnotatePass
+from qcompile.quant.spec import (
+    ANNOTATION_KEY,
+    DECISION_KEY,
+    ActivationAnnotation,
+    BiasAnnotation,
+    ConstantAnnotation,
+    QuantDType,
+    WeightAnnotation,
+)
+from tests.helpers import parse_model
+
+rng = np.random.default_rng(0)
+
+CONV_RELU_POOL_GEMM = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,10] y) {
+  c = Conv <pads=[1,1,1,1]> (x, w, b)
+  r = Relu(c)
+  p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r)
+  f = Flatten(p)
+  y = Gemm <transB=1> (f, fw, fb)
+}"""
+
+
+def conv_relu_pool_gemm():
+    return parse_model(
+        CONV_RELU_POOL_GEMM,
+        dict(
+            w=rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            b=rng.normal(size=4).astype(np.float32),
+            fw=rng.normal(size=(10, 64)).astype(np.float32),
+            fb=rng.normal(size=10).astype(np.float32),
+        ),
+    )
+
+
+def annotate(model, scheme=None):
+    common_passes.ShapeInferencePass()(model)
+    AnnotatePass(scheme or SchemeOptions())(model)
+    values = list(model.graph.inputs) + list(model.graph.initializers.values())
+    values += [o for n in model.graph for o in n.outputs]
+    return {v.name: v.meta.get(ANNOTATION_KEY) for v in values}, {n.op_type: n.meta[DECISION_KEY] for n in model.graph}
+
+
+def test_conv_relu_not_split_and_data_movement_shares_qparams():
+    ann, decisions = annotate(conv_relu_pool_gemm())
+    assert all(d.quantized for d in decisions.values())
+    # Not between Conv and Relu: the Relu output carries the qparams.
+    assert ann["c"] is None
+    assert isinstance(ann["r"], ActivationAnnotation)
+    # MaxPool and Flatten outputs share the Relu output's group.
+    assert ann["p"].group == ann["r"].group == ann["f"].group
+    assert ann["x"].spec.dtype == QuantDType.UINT8 and not ann["x"].spec.symmetric
+    # Gemm can return float: the graph output is not rounded again.
+    assert ann["y"] is None
+
+
+def test_weights_biases_and_axes():
+    ann, _ = annotate(conv_relu_pool_gemm())
+    assert isinstance(ann["w"], WeightAnnotation) and ann["w"].spec.axis == 0
+    assert ann["w"].spec.dtype == QuantDType.INT8 and ann["w"].spec.symmetric
+    # transB=1: the Gemm weight is (N, K), output channels on axis 0.
+    assert ann["fw"].spec.axis == 0
+    assert ann["b"] == BiasAnnotation(input="x", weight="w", node="Conv")
+    assert isinstance(ann["fb"], BiasAnnotation) and ann["fb"].input == "f"
+
+
+def test_per_tensor_weights_and_int8_activations():
+    scheme = SchemeOptions(activation_dtype="int8", weight_granularity=WeightGranularity.PER_TENSOR)
+    ann, _ = annotate(conv_relu_pool_gemm(), scheme)
+    assert ann["w"].spec.axis is None and ann["fw"].spec.axis is None
+    assert ann["r"].spec.dtype == QuantDType.INT8
+
+
+def test_unknown_op_stays_float_with_reason():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,16] x) => (float[1,16] y) {
+          a = MatMul(x, w)
+          s = Softmax(a)
+          y = MatMul(s, w)
+        }""",
+        dict(w=rng.normal(size=(16, 16)).astype(np.float32)),
+    )
+    common_passes.ShapeInferencePass()(model)
+    AnnotatePass(SchemeOptions())(model)
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    decision = softmax.meta[DECISION_KEY]
+    assert not decision.quantized and "Softmax is not in the op table" in decision.reason
+    ann = {o.name: o.meta.get(ANNOTATION_KEY) for n in model.graph for o in n.outputs}
+    # The first MatMul feeds a float op only: its int8 kernel returns float.
+    assert ann["a"] is None
+    # The second MatMul's input comes from a float op: a float→int boundary.
+    assert isinstance(ann["s"], ActivationAnnotation)
+
+
+def test_keep_float_by_name_pattern_and_op_type():
+    model = conv_relu_pool_gemm()
+    for node in model.graph:
+        node.name = f"layer_{node.op_type.lower()}"
+    ann, decisions = annotate(model, SchemeOptions(keep_float=("layer_gem*",)))
+    assert not decisions["Gemm"].quantized and "keep_float" in decisions["Gemm"].reason
+    assert ann["fw"] is None and ann["fb"] is None
+    _, decisions = annotate(conv_relu_pool_gemm(), SchemeOptions(keep_float=("Conv",)))
+    assert not decisions["Conv"].quantized
+    # Its Relu has nothing quantized to follow.
+    assert not decisions["Relu"].quantized
+
+
+def test_concat_inputs_share_one_group_and_constant_operand():
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,4,8,8] x) => (float[1,8,8,8] y) {
+          a = Conv (x, w1)
+          b = Sigmoid(x)
+          c = Concat <axis=1> (a, b)
+          y = Add(c, k)
+        }""",
+        dict(w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), k=rng.normal(size=(1, 8, 1, 1)).astype(np.float32)),
+    )
+    ann, decisions = annotate(model)
+    assert decisions["Concat"].quantized
+    assert ann["a"].group == ann["b"].group == ann["c"].group
+    assert isinstance(ann["k"], ConstantAnnotation)
+    assert isinstance(ann["y"], ActivationAnnotation)
+
+
+@pytest.mark.parametrize("group, expected_axis", [(1, 1), (2, None)])
+def test_conv_transpose_weight_axis(group, expected_axis):
+    model = parse_model(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,4,5,5] x) => (float[1,6,6,6] y) {{
+          y = ConvTranspose <group={group}, kernel_shape=[2,2]> (x, w, b)
+        }}""",
+        dict(w=rng.normal(size=(4, 6 // group, 2, 2)).astype(np.float32), b=rng.normal(size=6).astype(np.float32)),
+    )
+    ann, _ = annotate(model)
+    assert ann["w"].spec.axis == expected_axis
+    assert isinstance(ann["b"], BiasAnnotation)
