@@ -1,0 +1,126 @@
+"""PlaceQDQPass (with annotation, calibration and bias derivation before it): numbers and op counts."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from qcompile.options import SchemeOptions
+from tests.helpers import count_ops, parse_model, run, sqnr_db, to_proto
+from tests.passes.test_annotate import CONV_RELU_POOL_GEMM
+from tests.quant_helpers import quantize
+
+rng = np.random.default_rng(0)
+
+
+def _inits():
+    return dict(
+        w=rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        b=rng.normal(size=4).astype(np.float32),
+        fw=rng.normal(size=(10, 64)).astype(np.float32),
+        fb=rng.normal(size=10).astype(np.float32),
+    )
+
+
+def _feeds(n=8, shape=(2, 3, 8, 8)):
+    return [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def _fused_ops(model) -> dict:
+    """The op counts after onnxruntime's graph optimizations (what really runs)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.log_severity_level = 3
+    import tempfile, os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return count_ops(onnx.load(so.optimized_model_filepath))
+
+
+@pytest.mark.parametrize("activation_dtype", ["uint8", "int8"])
+def test_conv_relu_pool_gemm_quantized_close_to_float_and_fused(activation_dtype):
+    inits = _inits()
+    float_model = parse_model(CONV_RELU_POOL_GEMM, inits)
+    model = quantize(parse_model(CONV_RELU_POOL_GEMM, inits), _feeds(), SchemeOptions(activation_dtype=activation_dtype))
+    onnx.checker.check_model(to_proto(model), full_check=True)
+    ops = count_ops(model)
+    # x, the Relu output and its two shared-qparams followers; 2 weights + 2 biases + 4 activations.
+    assert ops["QuantizeLinear"] == 4
+    assert ops["DequantizeLinear"] == 8
+    # Weights and biases are stored as integers (not counting scales and zero points).
+    data = {v.name: v.dtype for v in model.graph.initializers.values() if v.name.endswith("_quantized")}
+    assert sorted(data.values()) == sorted([ir.DataType.INT8] * 2 + [ir.DataType.INT32] * 2)
+    x = _feeds(1, (16, 3, 8, 8))[0]
+    ref, quant = run(float_model, x)[0], run(model, x)[0]
+    assert sqnr_db(ref, quant) > 30
+    fused = _fused_ops(model)
+    assert fused["QLinearConv"] == 1 and fused["QGemm"] == 1
+    assert fused["Relu"] == 0 and fused["DequantizeLinear"] == 0
+
+
+def test_weights_round_trip_within_half_a_step():
+    inits = _inits()
+    model = quantize(parse_model(CONV_RELU_POOL_GEMM, inits), _feeds())
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8
+              and n.inputs[0].shape.dims == (4, 3, 3, 3))
+    q = dq.inputs[0].const_value.numpy().astype(np.float32)
+    scale = dq.inputs[1].const_value.numpy()
+    assert dq.attributes["axis"].value == 0 and scale.shape == (4,)
+    restored = q * scale[:, None, None, None]
+    assert np.all(np.abs(restored - inits["w"]) <= scale[:, None, None, None] / 2 + 1e-7)
+    # Symmetric per channel: the largest |w| of each channel maps to ±127.
+    assert np.all(np.abs(q).reshape(4, -1).max(axis=1) == 127)
+
+
+def test_graph_output_keeps_its_name_when_quantized():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,6,6] x) => (float[N,4,6,6] y) {
+      y = Conv <pads=[1,1,1,1]> (x, w, b)
+    }"""
+    inits = dict(w=rng.normal(size=(4, 3, 3, 3)).astype(np.float32), b=rng.normal(size=4).astype(np.float32))
+    model = quantize(parse_model(text, inits), _feeds(shape=(1, 3, 6, 6)))
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    assert model.graph.outputs[0].producer().op_type == "DequantizeLinear"
+    x = _feeds(1, (4, 3, 6, 6))[0]
+    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 30
+    assert _fused_ops(model)["QLinearConv"] == 1
+
+
+def test_add_with_constant_and_concat_share_scale():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,5,5] x) => (float[N,8,5,5] y) {
+      a = Conv (x, w1)
+      b = Sigmoid(x)
+      c = Concat <axis=1> (a, b)
+      y = Add(c, k)
+    }"""
+    inits = dict(w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), k=rng.normal(size=(1, 8, 1, 1)).astype(np.float32))
+    model = quantize(parse_model(text, inits), _feeds(shape=(2, 4, 5, 5)))
+    q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    by_tensor = {n.inputs[0].name: n for n in q_nodes}
+    # Concat's inputs and output use the same scale initializer.
+    assert by_tensor["a"].inputs[1] is by_tensor["b"].inputs[1] is by_tensor["c"].inputs[1]
+    # The constant operand of Add is stored as uint8 (activation type, per tensor).
+    assert any(v.dtype == ir.DataType.UINT8 and v.shape.dims == (1, 8, 1, 1) for v in model.graph.initializers.values())
+    x = _feeds(1, (8, 4, 5, 5))[0]
+    # One scale for a Conv output and a Sigmoid output costs the Sigmoid resolution: > 25 dB, not 30.
+    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 25
+
+
+def test_matmul_with_activation_operands_and_weight():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,6,16] x) => (float[N,6,6] y) {
+      q = MatMul(x, wq)
+      k = MatMul(x, wk)
+      kt = Transpose <perm=[0,2,1]> (k)
+      y = MatMul(q, kt)
+    }"""
+    inits = dict(wq=rng.normal(size=(16, 16)).astype(np.float32), wk=rng.normal(size=(16, 16)).astype(np.float32))
+    model = quantize(parse_model(text, inits), _feeds(shape=(1, 6, 16)))
+    dq_weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8]
+    assert len(dq_weights) == 2 and all(n.attributes["axis"].value == 1 for n in dq_weights)
+    x = _feeds(1, (4, 6, 16))[0]
+    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 25

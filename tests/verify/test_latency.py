@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from qcompile.errors import InvalidDataError, UsageError
+from qcompile.verify.latency import measure_latency
+from tests.verify.models import feeds, mlp, mlp_ir
+
+
+def test_latency_of_two_models():
+    results = measure_latency({"float": mlp(), "other": mlp_ir()}, feeds(1)[0], warmup=1, runs=7)
+    assert list(results) == ["float", "other"]
+    for name, r in results.items():
+        assert r.name == name
+        assert 0 < r.min_ms <= r.median_ms <= r.p90_ms
+        assert r.runs == 7 and r.threads == 1 and r.provider == "cpu"
+        assert set(r.to_json()) == {"name", "median_ms", "p90_ms", "min_ms", "runs", "threads", "provider"}
+
+
+def test_latency_argument_errors():
+    feed = feeds(1)[0]
+    with pytest.raises(UsageError):
+        measure_latency({}, feed)
+    with pytest.raises(UsageError):
+        measure_latency({"m": mlp()}, feed, runs=0)
+    with pytest.raises(InvalidDataError, match="'m'"):
+        measure_latency({"m": mlp()}, {"x": np.zeros((1, 3), np.float32)}, warmup=0, runs=1)
