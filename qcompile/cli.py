@@ -40,7 +40,8 @@ class _Group(click.Group):
     """Turns qcompile errors (and unexpected ones) into one line and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        as_json = "--json" in sys.argv[1:] or "--json" in (ctx.protected_args + ctx.args)
+        tokens = list(getattr(ctx, "_protected_args", [])) + list(ctx.args)
+        as_json = "--json" in tokens
         try:
             return super().invoke(ctx)
         except QcompileError as error:
