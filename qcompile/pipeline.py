@@ -177,7 +177,7 @@ def compile_ir(
         annotation = value.meta.get(ANNOTATION_KEY)
         if isinstance(annotation, ActivationAnnotation):
             specs[annotation.group] = annotation.spec
-    observers = {group: MinMaxObserver(spec) for group, spec in specs.items()}
+    observers = {group: MinMaxObserver(spec, group) for group, spec in specs.items()}
     by_output = {name: observers[group] for name, group in groups.items()}
 
     digest = hashlib.sha256()

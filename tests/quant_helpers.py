@@ -24,7 +24,7 @@ def annotate_and_calibrate(model: ir.Model, feeds, scheme: SchemeOptions | None 
         annotation = value.meta.get(ANNOTATION_KEY)
         if isinstance(annotation, ActivationAnnotation):
             specs[annotation.group] = annotation.spec
-    observers = {g: MinMaxObserver(s) for g, s in specs.items()}
+    observers = {g: MinMaxObserver(s, g) for g, s in specs.items()}
     calibrate(ir.to_proto(observation), feeds, {n: observers[g] for n, g in groups.items()}, show_progress=False)
     AssignQParamsPass({g: o.qparams() for g, o in observers.items()})(model)
     return model

@@ -2,7 +2,7 @@
 
 - Weights, constants and biases are stored as integer initializers (int8 / uint8 / int32) read by a
   DequantizeLinear, so the file really holds 1-byte weights. Per-channel tensors carry the
-  DequantizeLinear ``axis`` (ONNX opset 13+).
+  DequantizeLinear ``axis`` (ONNX opset 13+). int32 biases omit the zero point (0 by the ONNX spec).
 - An activation ``t`` gets ``t → QuantizeLinear → DequantizeLinear → t_dq`` and every consumer of
   ``t`` reads ``t_dq`` (a consumer left reading ``t`` would keep onnxruntime from fusing the
   producer into its int8 kernel). A graph output keeps its name: the producer's tensor is renamed
@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from qcompile.graph.queries import constant_array
 from qcompile.quant.qparams import QParams, quantize
-from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ActivationAnnotation
+from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ActivationAnnotation, QuantDType
 
 _DTYPES = {
     "uint8": ir.DataType.UINT8,
@@ -76,10 +76,15 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         qp: QParams = value.meta[QPARAMS_KEY]
         data = constant_array(value)
         quantized = self._initializer(graph, f"{value.name}_quantized", quantize(data, qp))
-        scale, zero_point = self._scale_zero_point(graph, value.name, qp)
+        if qp.dtype == QuantDType.INT32:
+            # An int32 bias's zero point is 0, DequantizeLinear's default: leave the input out.
+            # (Weights keep theirs: onnxruntime 1.32 does not fuse Gemm into QGemm without it.)
+            inputs = [quantized, self._initializer(graph, f"{value.name}_scale", qp.scale.astype(np.float32))]
+        else:
+            inputs = [quantized, *self._scale_zero_point(graph, value.name, qp)]
         dq = ir.node(
             "DequantizeLinear",
-            [quantized, scale, zero_point],
+            inputs,
             attributes=self._dq_attributes(qp),
             outputs=[ir.Value(name=self._fresh(f"{value.name}_dequantized"))],
             name=self._fresh(f"{value.name}_DequantizeLinear"),
