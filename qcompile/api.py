@@ -84,6 +84,8 @@ def compile_model(
     loaded = load_model(model)
     float_proto = ir.to_proto(loaded.model)
     float_size = float_proto.ByteSize()
+    # Bounds the input already breaks fail before any work (and are checked again on the output).
+    _check_output_bounds(loaded.model, options)
     specs = input_specs(loaded.model)
     warnings: list[str] = []
     report_notes = list(loaded.notes)

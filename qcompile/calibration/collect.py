@@ -36,7 +36,7 @@ def _first_line(exc: Exception) -> str:
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     # BASIC keeps every graph output (the observed tensors) while folding constants.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:

@@ -120,7 +120,7 @@ def compare_models(
     layers = [OutputComparison(name) for name in layer_names]
     samples = 0
     total = len(feeds) if hasattr(feeds, "__len__") else None
-    bar = tqdm(feeds, total=total, desc="verify", unit="batch", file=sys.stderr, disable=not show_progress)
+    bar = tqdm(feeds, total=total, desc="verify", unit="batch", file=sys.stderr, disable=None if show_progress else True)
     for index, feed in enumerate(bar):
         _check_feed(feed, input_names, index)
         for (float_sess, f_names, quant_sess, q_names), comparisons in zip(runs, (outputs, layers)):

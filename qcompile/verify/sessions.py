@@ -66,7 +66,7 @@ def make_session(
         raise UsageError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3  # errors only; the CUDA fallback warning is replaced by our own check
+    so.log_severity_level = 4  # fatal only: errors reach the user as our one-line messages; the CUDA fallback warning is replaced by our own check
     so.inter_op_num_threads = 1
     if intra_op_threads is not None:
         so.intra_op_num_threads = intra_op_threads
