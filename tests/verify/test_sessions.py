@@ -35,7 +35,7 @@ def test_session_options_are_set():
     assert so.intra_op_num_threads == 2
     assert so.inter_op_num_threads == 1
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert so.log_severity_level == 3
+    assert so.log_severity_level == 4
 
 
 def test_invalid_models_are_one_line_errors(tmp_path):
