@@ -13,8 +13,10 @@ ONNX model as an inference Dropout, which the exporters leave out; see
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +28,8 @@ from qcompile.frontends.torch_export import import_torch
 if TYPE_CHECKING:
     import torch
 
+    from qcompile.api import CompileResult
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 NUM_CLASSES = 10
@@ -33,7 +37,7 @@ DROPOUT = 0.2
 # Fractions of the 1,797 digits; the rest (60%) trains. Stratified, so every split has every digit.
 CALIBRATION_FRACTION = 0.2
 TEST_FRACTION = 0.2
-EPOCHS = 30
+EPOCHS = 15
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 
@@ -49,6 +53,35 @@ class DigitsDemo:
     test_labels: np.ndarray  # int64 (N,)
     float_accuracy: float  # of ``module`` on the test images, in [0, 1]
     train_seconds: float
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    """What ``qcompile demo`` did: the trained demo, its compile, the files written, the accuracies."""
+
+    demo: DigitsDemo
+    result: CompileResult
+    float_path: Path
+    quantized_path: Path
+    float_onnx_accuracy: float
+    quantized_accuracy: float
+
+    def render_text(self) -> str:
+        d = self.demo
+        lines = [
+            f"digits CNN trained in {d.train_seconds:.1f} s; test accuracy (torch) {d.float_accuracy:.2%}",
+            "",
+            self.result.report.render_text(),
+            "",
+            f"test accuracy on {len(d.test_labels)} held-out digits:",
+            f"  float ONNX      {self.float_onnx_accuracy:.2%}",
+            f"  quantized ONNX  {self.quantized_accuracy:.2%} "
+            f"({(self.quantized_accuracy - self.float_onnx_accuracy) * 100:+.2f} points)",
+            "",
+            f"float model:     {self.float_path}",
+            f"quantized model: {self.quantized_path} (report beside it)",
+        ]
+        return "\n".join(lines)
 
 
 def accuracy(logits: np.ndarray, labels: Any) -> float:
@@ -187,3 +220,37 @@ def _train(module: Any, images: np.ndarray, labels: np.ndarray, torch: Any) -> N
             loss_fn(module(x[batch]), y[batch]).backward()
             optimizer.step()
             schedule.step()
+
+
+def run_demo(out_dir: str | Path | None = None, *, seed: int = 0, show_progress: bool = True) -> DemoOutcome:
+    """Train, export, compile (calibrating on the calibration split, verifying on the test split), save.
+
+    Writes ``digits_cnn.onnx``, ``digits_cnn.int8.onnx`` and its report into ``out_dir`` (a new
+    temporary folder when None), replacing earlier files of these names: they are the demo's own.
+    """
+    from qcompile.api import compile_model
+    from qcompile.graph.io import save_model_atomic
+    from qcompile.options import CompileOptions
+    from qcompile.verify.compare import run_model
+
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="qcompile-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    demo = train_digits_cnn(seed)
+    calibration = [{INPUT_NAME: batch} for batch in np.array_split(demo.calibration_images, 6)]
+    test_feeds = [{INPUT_NAME: batch} for batch in np.array_split(demo.test_images, 6)]
+    result = compile_model(demo.model, calibration, CompileOptions(show_progress=show_progress), verify_data=test_feeds)
+
+    def test_accuracy(model: onnx.ModelProto) -> float:
+        logits = np.concatenate([outputs[0] for outputs in run_model(model, test_feeds)])
+        return accuracy(logits, demo.test_labels)
+
+    float_path = save_model_atomic(demo.model, out / "digits_cnn.onnx", force=True)
+    quantized_path = result.save(out / "digits_cnn.int8.onnx", force=True)
+    return DemoOutcome(
+        demo=demo,
+        result=result,
+        float_path=float_path,
+        quantized_path=quantized_path,
+        float_onnx_accuracy=test_accuracy(demo.model),
+        quantized_accuracy=test_accuracy(result.model),
+    )
