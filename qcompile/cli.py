@@ -82,7 +82,11 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             min_sqnr=flags["min_sqnr"],
             per_layer=flags["per_layer"],
         ),
-        output=OutputOptions(max_opset=flags["max_opset"], allow_contrib_ops=not flags["no_contrib_ops"]),
+        output=OutputOptions(
+            max_opset=flags["max_opset"],
+            allow_contrib_ops=not flags["no_contrib_ops"],
+            keep_node_metadata=flags["keep_node_metadata"],
+        ),
         dump_ir_after=tuple(flags["dump_ir_after"]),
         show_progress=not flags["quiet"],
     )
@@ -111,6 +115,7 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--no-verify", is_flag=True, help="Skip verification.")
 @click.option("--max-opset", type=int, default=None, help="Highest opset the output may use.")
 @click.option("--no-contrib-ops", is_flag=True, help="The output may use only the default ONNX domain.")
+@click.option("--keep-node-metadata", is_flag=True, help="Keep the exporter's per-node metadata and doc strings.")
 @click.option("--dump-ir-after", multiple=True, help="Print the IR after this pass ('all' for every pass).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars or report on stdout.")

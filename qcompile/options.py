@@ -96,6 +96,8 @@ class OutputOptions:
 
     max_opset: int | None = None
     allow_contrib_ops: bool = True
+    # Keep the exporter's per-node metadata (stack traces, module paths) and doc strings.
+    keep_node_metadata: bool = False
 
     def __post_init__(self) -> None:
         if self.max_opset is not None and self.max_opset < MIN_OPSET:

@@ -28,6 +28,7 @@ from qcompile.passes import (
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
+    ReduceMeanToGlobalPoolPass,
     RemoveDropoutPass,
 )
 from qcompile.quant.qparams import QParams
@@ -70,20 +71,25 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
                 output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
             ),
         ),
+        # BN folding/decomposition and the pooling rewrite need ranks.
+        ("infer_shapes", common_passes.ShapeInferencePass(strict_mode=False)),
         ("fold_batchnorm", FoldBatchNormPass()),
         # After folding: only BatchNormalization nodes with no foldable producer are left.
         ("decompose_batchnorm", DecomposeBatchNormPass()),
+        ("reduce_mean_to_pool", ReduceMeanToGlobalPoolPass()),
         ("eliminate_identity", common_passes.IdentityEliminationPass()),
         ("remove_unused", common_passes.RemoveUnusedNodesPass()),
-        # Annotation needs dtypes and a topological order.
-        ("infer_shapes", common_passes.ShapeInferencePass(strict_mode=False)),
+        # Annotation needs dtypes of the values the rewrites created, and a topological order.
+        ("infer_shapes_after_cleanup", common_passes.ShapeInferencePass(strict_mode=False)),
         ("sort", common_passes.TopologicalSortPass()),
     ]
 
 
-def finalize_passes(activation_qparams: dict[str, QParams]) -> list[tuple[str, ir.passes.PassBase]]:
+def finalize_passes(
+    activation_qparams: dict[str, QParams], options: CompileOptions
+) -> list[tuple[str, ir.passes.PassBase]]:
     """After calibration: numbers, then Q/DQ nodes."""
-    return [
+    passes = [
         ("assign_qparams", AssignQParamsPass(activation_qparams)),
         # Before placement: an overflowing bias raises its weight's scale, and placement rounds
         # the weights with the final scales.
@@ -92,6 +98,11 @@ def finalize_passes(activation_qparams: dict[str, QParams]) -> list[tuple[str, i
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]
+    if not options.output.keep_node_metadata:
+        # Exporters attach stack traces and module paths to every node (a third of a small
+        # model's file); a deployment artifact does not need them. Model metadata is kept.
+        passes.append(("strip_node_metadata", common_passes.ClearMetadataAndDocStringPass()))
+    return passes
 
 
 class PassRunner:
@@ -206,5 +217,5 @@ def compile_ir(
         model,
         [f"{summary.samples} samples in {summary.feeds} batches; {summary.tensors} tensors in {summary.groups} qparams groups"],
     )
-    model = runner.run(model, finalize_passes(activation_qparams))
+    model = runner.run(model, finalize_passes(activation_qparams, options))
     return model, summary

@@ -7,6 +7,7 @@ from qcompile.passes.derive_bias import DeriveBiasPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
+from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "FoldBatchNormPass",
     "InsertObserversPass",
     "PlaceQDQPass",
+    "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
 ]
