@@ -237,3 +237,37 @@ def test_insert_dropout_refuses_bad_arguments(net_and_model, name, ratio, messag
     _, model = net_and_model
     with pytest.raises(UsageError, match=message):
         insert_dropout(model, after_output=name, ratio=ratio)
+
+
+class _TinyEncoder(torch.nn.Module):
+    """Embedding → one transformer layer → mean over the sequence: a dynamic-sequence model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.head(self.layer(self.emb(ids)).mean(1))
+
+
+def test_dynamic_sequence_axis_by_input_name():
+    net = _TinyEncoder().eval()
+    model = export_torch(net, torch.randint(0, 50, (2, 7)), input_names=["ids"], dynamic_axes={"ids": {1: "sequence"}})
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "sequence"]
+    for length in (3, 11):
+        ids = torch.randint(0, 50, (4, length))
+        with torch.no_grad():
+            expected = net(ids).numpy()
+        np.testing.assert_allclose(run(model, {"ids": ids.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_axes_errors_are_usage_errors():
+    net = _TinyEncoder().eval()
+    with pytest.raises(UsageError, match="not in input_names"):
+        export_torch(net, torch.randint(0, 50, (2, 7)), dynamic_axes={"ids": {1: "sequence"}})
+    with pytest.raises(UsageError, match="no axis 2"):
+        export_torch(net, torch.randint(0, 50, (2, 7)), input_names=["ids"], dynamic_axes={"ids": {2: "x"}})

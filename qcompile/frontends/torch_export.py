@@ -70,7 +70,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,13 +105,16 @@ def export_torch(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     opset: int = MIN_EXPORT_OPSET,
     keep_batchnorm: bool = True,
 ) -> onnx.ModelProto:
     """Export ``module`` in eval mode to an ONNX model with its weights inline.
 
     ``example_inputs`` are positional arguments of ``module.forward`` (one tensor or a tuple).
-    With ``dynamic_batch`` axis 0 of every input is the symbol ``batch``. With ``keep_batchnorm``
+    With ``dynamic_batch`` axis 0 of every input is the symbol ``batch``. ``dynamic_axes`` makes
+    more axes dynamic, by input name (from ``input_names``): ``{"ids": {1: "sequence"}}``; one
+    symbol name used on several inputs is one dimension. With ``keep_batchnorm``
     BatchNormalization nodes stay (qcompile folds them itself); otherwise they are folded into
     the Conv or Gemm before them. The module's train/eval modes are restored afterwards.
     """
@@ -119,13 +122,15 @@ def export_torch(
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     _check_arguments(module, args, input_names, output_names, opset, torch)
 
+    axes = _dynamic_axes_by_position(args, input_names, dynamic_batch, dynamic_axes, torch)
     dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim(BATCH_DIM)
-        dynamic_shapes = tuple({0: batch} if _is_batched(a, torch) else None for a in args)
+    if any(axes):
+        dims = {name: torch.export.Dim(name) for per_arg in axes for name in per_arg.values()}
+        dynamic_shapes = tuple({axis: dims[name] for axis, name in per_arg.items()} or None for per_arg in axes)
         # torch.export specializes every size 0 or 1 to a constant, so a batch of one example cannot
         # be captured as a dynamic batch; two copies of it can.
-        args = tuple(torch.cat([a, a]) if _is_batched(a, torch) and a.shape[0] == 1 else a for a in args)
+        if dynamic_batch:
+            args = tuple(torch.cat([a, a]) if _is_batched(a, torch) and a.shape[0] == 1 else a for a in args)
 
     with _eval_mode(module), _quiet_exporter():
         # Capture first, on our own, so that a failure is torch.export's own message rather than
@@ -148,8 +153,7 @@ def export_torch(
             raise UsageError(f"torch.onnx could not translate {type(module).__name__}: {_first_lines(exc)}") from None
 
     model: ir.Model = onnx_program.model
-    if dynamic_batch:
-        _name_batch_axis(model)
+    _name_dynamic_axes(model, axes)
     ir.passes.Sequential(*_cleanup_passes(keep_batchnorm=keep_batchnorm))(model)
     proto = ir.to_proto(model)
     try:
@@ -305,23 +309,46 @@ def _is_batched(arg: Any, torch: Any) -> bool:
     return isinstance(arg, torch.Tensor) and arg.dim() > 0
 
 
-def _name_batch_axis(model: ir.Model) -> None:
-    """Rename torch.export's symbol for axis 0 of the inputs (``s77``, ...) to ``batch`` everywhere.
+def _dynamic_axes_by_position(args, input_names, dynamic_batch, dynamic_axes, torch) -> list[dict[int, str]]:
+    """For each positional argument, its dynamic axes as {axis: symbol name}."""
+    axes: list[dict[int, str]] = [
+        {0: BATCH_DIM} if dynamic_batch and _is_batched(a, torch) else {} for a in args
+    ]
+    for name, per_input in (dynamic_axes or {}).items():
+        if not input_names or name not in input_names:
+            raise UsageError(f"dynamic_axes names input {name!r}, which is not in input_names {input_names}")
+        index = input_names.index(name)
+        arg = args[index]
+        for axis, symbol in per_input.items():
+            if not _is_batched(arg, torch) or not -arg.dim() <= axis < arg.dim():
+                raise UsageError(f"dynamic_axes: input {name!r} has no axis {axis}")
+            if arg.shape[axis] < 2 and axis % arg.dim() != 0:
+                # torch.export fixes sizes 0 and 1; the example must show the axis can vary.
+                raise UsageError(f"dynamic_axes: the example of input {name!r} has size {arg.shape[axis]} on axis {axis}; use 2 or more")
+            axes[index][axis % arg.dim()] = symbol
+    return axes
 
-    ``torch.onnx.export`` given an ExportedProgram no longer knows the name of the ``Dim``.
+
+def _name_dynamic_axes(model: ir.Model, axes: list[dict[int, str]]) -> None:
+    """Rename torch.export's symbols (``s77``, ...) to the names asked for, everywhere.
+
+    ``torch.onnx.export`` given an ExportedProgram no longer knows the names of the ``Dim``s.
     """
-    symbols = {
-        value.shape[0].value
-        for value in model.graph.inputs
-        if value.shape is not None and len(value.shape) > 0 and isinstance(value.shape[0], ir.SymbolicDim)
-    }
-    symbols.discard(None)
+    renames: dict[str, str] = {}
+    for value, per_input in zip(model.graph.inputs, axes):
+        for axis, name in per_input.items():
+            if value.shape is not None and axis < len(value.shape):
+                dim = value.shape[axis]
+                if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                    renames[dim.value] = name
+    if not renames:
+        return
     values = [*model.graph.inputs, *model.graph.outputs, *(v for node in model.graph.all_nodes() for v in node.outputs)]
     for value in values:
-        if value.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in symbols for d in value.shape):
+        if value.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
             continue
         value.shape = ir.Shape(
-            [BATCH_DIM if isinstance(d, ir.SymbolicDim) and d.value in symbols else d for d in value.shape]
+            [renames[d.value] if isinstance(d, ir.SymbolicDim) and d.value in renames else d for d in value.shape]
         )
 
 

@@ -42,6 +42,8 @@ from qcompile.quant.spec import (
 )
 
 _DIRECT_KINDS = (OpKind.COMPUTE, OpKind.ELEMENTWISE, OpKind.UNARY)
+# The reason given to nodes that compute shapes, indices or masks: not candidates at all.
+NOT_FLOAT_DATA = "computes no float tensor (shape, index or mask arithmetic)"
 
 
 class _Groups:
@@ -88,6 +90,8 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def _static_reason(self, node: ir.Node) -> str | None:
         """Why a node can never be quantized, independent of its neighbours (None: it can)."""
+        if not any(out.dtype == ir.DataType.FLOAT for out in node.outputs):
+            return NOT_FLOAT_DATA
         rule = rule_for(node.op_type, node.domain)
         if rule is None:
             domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""

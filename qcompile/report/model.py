@@ -17,6 +17,22 @@ class FloatNode:
     reason: str
 
 
+@dataclass(frozen=True)
+class FloatGroup:
+    """Float nodes with the same op and reason, for a readable summary of large models."""
+
+    op_type: str
+    reason: str
+    nodes: tuple[str, ...]
+
+
+def group_float_nodes(nodes: list[FloatNode]) -> list[FloatGroup]:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for node in nodes:
+        groups.setdefault((node.op_type, node.reason), []).append(node.name)
+    return [FloatGroup(op, reason, tuple(names)) for (op, reason), names in groups.items()]
+
+
 @dataclass
 class QuantizationSummary:
     quantized_ops: dict[str, int]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qcompile.report.model import CompileReport
+from qcompile.passes.annotate import NOT_FLOAT_DATA
+from qcompile.report.model import CompileReport, group_float_nodes
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -11,6 +12,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return out
+
+
+def _names(names: tuple[str, ...], shown: int = 3) -> str:
+    text = ", ".join(n or "?" for n in names[:shown])
+    return text + (f", … (+{len(names) - shown})" if len(names) > shown else "")
 
 
 def _size(n: int) -> str:
@@ -57,7 +63,15 @@ def render_text(report: CompileReport) -> str:
     )
     if q.float_nodes:
         lines.append("stayed float:")
-        lines += ["  " + r for r in _table(["node", "op", "reason"], [[n.name, n.op_type, n.reason] for n in q.float_nodes])]
+        rows = [
+            [g.op_type, str(len(g.nodes)), g.reason, _names(g.nodes)]
+            for g in group_float_nodes(q.float_nodes)
+            if g.reason != NOT_FLOAT_DATA
+        ]
+        lines += ["  " + r for r in _table(["op", "count", "reason", "nodes"], rows)]
+        integer = sum(1 for n in q.float_nodes if n.reason == NOT_FLOAT_DATA)
+        if integer:
+            lines.append(f"  (and {integer} nodes that compute shapes, indices or masks, not float data)")
 
     lines += ["", "Size"]
     lines.append(
