@@ -22,7 +22,8 @@ from qcompile.graph.notes import notes
 from qcompile.graph.queries import opset_version
 from qcompile.options import CompileOptions
 from qcompile.pipeline import PassRunner, compile_ir
-from qcompile.quant.spec import DECISION_KEY
+from qcompile.passes.annotate import decision_summary
+from qcompile.quant.spec import DECISION_KEY, NOT_FLOAT_DATA
 from qcompile.report.model import CompileReport, FloatNode, QuantizationSummary
 from qcompile.verify.compare import VerificationResult, compare_models
 
@@ -188,16 +189,8 @@ def _check_output_bounds(model: ir.Model, options: CompileOptions) -> None:
 
 
 def _quantization_summary(model: ir.Model) -> QuantizationSummary:
-    quantized: Counter = Counter()
-    float_nodes: list[FloatNode] = []
-    for node in model.graph:
-        decision = node.meta.get(DECISION_KEY)
-        if decision is None:
-            continue
-        if decision.quantized:
-            quantized[node.op_type] += 1
-        else:
-            float_nodes.append(FloatNode(node.name or "", node.op_type, decision.reason))
+    quantized, left_float = decision_summary(model)
+    float_nodes = [FloatNode(name, op, reason, reason == NOT_FLOAT_DATA) for name, op, reason in left_float]
     kinds: Counter = Counter()
     for node in model.graph:
         if node.op_type == "QuantizeLinear":
@@ -206,7 +199,7 @@ def _quantization_summary(model: ir.Model) -> QuantizationSummary:
             dtype = node.inputs[0].dtype
             kinds[{ir.DataType.INT8: "weights", ir.DataType.INT32: "biases"}.get(dtype, "constants")] += 1
     return QuantizationSummary(
-        quantized_ops=dict(quantized),
+        quantized_ops=quantized,
         float_nodes=float_nodes,
         activations=kinds["activations"],
         weights=kinds["weights"],

@@ -13,11 +13,11 @@ import onnx_ir as ir
 
 from qcompile.data import input_specs
 from qcompile.graph.io import load_model
-from qcompile.graph.queries import opset_version
 from qcompile.options import CompileOptions
 from qcompile.passes import AnnotatePass
+from qcompile.passes.annotate import decision_summary
 from qcompile.pipeline import PassRunner, cleanup_passes
-from qcompile.quant.spec import DECISION_KEY
+from qcompile.quant.spec import NOT_FLOAT_DATA
 
 
 @dataclass
@@ -64,16 +64,10 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, options: CompileOp
     runner = PassRunner(options)
     ir_model = runner.run(ir_model, cleanup_passes())
     ir_model = runner.run(ir_model, [("annotate", AnnotatePass(options.scheme))])
-    quantize: Counter = Counter()
-    stay_float = []
-    for node in ir_model.graph:
-        decision = node.meta.get(DECISION_KEY)
-        if decision is None:
-            continue
-        if decision.quantized:
-            quantize[node.op_type] += 1
-        else:
-            stay_float.append({"name": node.name or "", "op_type": node.op_type, "reason": decision.reason})
+    quantize, left_float = decision_summary(ir_model)
+    stay_float = [
+        {"name": name, "op_type": op, "reason": reason} for name, op, reason in left_float if reason != NOT_FLOAT_DATA
+    ]
     return ModelInfo(
         source=loaded.source,
         opset=loaded.original_opset,
@@ -83,7 +77,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, options: CompileOp
         domains=sorted({n.domain or "ai.onnx" for n in proto.graph.node}),
         inputs=[f"{s.name} {s.dtype} {s.shape_text()}" for s in specs],
         outputs=[o.name for o in proto.graph.output],
-        would_quantize=dict(quantize),
+        would_quantize=quantize,
         would_stay_float=stay_float,
         notes=list(loaded.notes),
     )

@@ -6,10 +6,11 @@ report. Ordering constraints are stated beside each entry.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -17,6 +18,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import _constant_folding
 
+from qcompile.calibration.collect import calibrate
+from qcompile.calibration.observers import MinMaxObserver
 from qcompile.graph.notes import notes
 from qcompile.graph.queries import node_count
 from qcompile.options import CompileOptions
@@ -31,29 +34,9 @@ from qcompile.passes import (
     ReduceMeanToGlobalPoolPass,
     RemoveDropoutPass,
 )
+from qcompile.passes.insert_observers import activation_groups, group_specs
 from qcompile.quant.qparams import QParams
-
-
-@dataclass
-class PassRecord:
-    """What one pass did, for the report."""
-
-    name: str
-    modified: bool
-    seconds: float
-    nodes_before: int
-    nodes_after: int
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "modified": self.modified,
-            "seconds": round(self.seconds, 6),
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "notes": list(self.notes),
-        }
+from qcompile.report.model import PassRecord
 
 
 def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
@@ -162,6 +145,40 @@ class CalibrationSummary:
     groups: int
 
 
+def calibrate_activations(
+    model: ir.Model,
+    observation: ir.Model,
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    show_progress: bool,
+    total: int | None,
+) -> tuple[dict[str, QParams], CalibrationSummary]:
+    """Run the observation model over the feeds; one min/max observer per qparams group.
+
+    Returns the activation qparams by group, and what was seen (with the data's fingerprint).
+    """
+    groups = activation_groups(model)
+    observers = {group: MinMaxObserver(spec, group) for group, spec in group_specs(model).items()}
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    stats = calibrate(
+        ir.to_proto(observation),
+        fingerprint_feeds(feeds, digest),
+        {name: observers[group] for name, group in groups.items()},
+        show_progress=show_progress,
+        total=total,
+    )
+    summary = CalibrationSummary(
+        feeds=stats.feeds,
+        samples=stats.samples,
+        seconds=time.perf_counter() - start,
+        fingerprint=digest.hexdigest(),
+        tensors=len(groups),
+        groups=len(observers),
+    )
+    return {group: observer.qparams() for group, observer in observers.items()}, summary
+
+
 def compile_ir(
     model: ir.Model, calibration_feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
 ) -> tuple[ir.Model, CalibrationSummary]:
@@ -169,51 +186,18 @@ def compile_ir(
 
     ``model`` is modified in place and returned.
     """
-    import hashlib
-
-    from qcompile.calibration.collect import calibrate
-    from qcompile.calibration.observers import MinMaxObserver
-    from qcompile.passes.insert_observers import activation_groups
-    from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation
-
     options = runner.options
     model = runner.run(model, cleanup_passes())
     model = runner.run(model, [("annotate", AnnotatePass(options.scheme))])
-
     # Observation model: a copy exposing every annotated activation (the annotated IR is kept).
     observation = runner.run_one(model, "insert_observers", InsertObserversPass()).model
-    groups = activation_groups(model)
-    specs = {}
-    for value in list(model.graph.inputs) + [o for n in model.graph for o in n.outputs]:
-        annotation = value.meta.get(ANNOTATION_KEY)
-        if isinstance(annotation, ActivationAnnotation):
-            specs[annotation.group] = annotation.spec
-    observers = {group: MinMaxObserver(spec, group) for group, spec in specs.items()}
-    by_output = {name: observers[group] for name, group in groups.items()}
-
-    digest = hashlib.sha256()
-    start = time.perf_counter()
-    stats = calibrate(
-        ir.to_proto(observation),
-        fingerprint_feeds(calibration_feeds, digest),
-        by_output,
-        show_progress=options.show_progress,
-        total=total,
+    activation_qparams, summary = calibrate_activations(
+        model, observation, calibration_feeds, show_progress=options.show_progress, total=total
     )
-    seconds = time.perf_counter() - start
     del observation
-    activation_qparams = {group: observer.qparams() for group, observer in observers.items()}
-    summary = CalibrationSummary(
-        feeds=stats.feeds,
-        samples=stats.samples,
-        seconds=seconds,
-        fingerprint=digest.hexdigest(),
-        tensors=len(by_output),
-        groups=len(observers),
-    )
     runner.record(
         "calibrate",
-        seconds,
+        summary.seconds,
         model,
         [f"{summary.samples} samples in {summary.feeds} batches; {summary.tensors} tensors in {summary.groups} qparams groups"],
     )

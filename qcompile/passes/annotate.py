@@ -32,6 +32,7 @@ from qcompile.passes.op_rules import OpKind, OpRule, rule_for, weight_axis_for
 from qcompile.quant.spec import (
     ANNOTATION_KEY,
     DECISION_KEY,
+    NOT_FLOAT_DATA,
     ActivationAnnotation,
     BiasAnnotation,
     ConstantAnnotation,
@@ -42,8 +43,7 @@ from qcompile.quant.spec import (
 )
 
 _DIRECT_KINDS = (OpKind.COMPUTE, OpKind.ELEMENTWISE, OpKind.UNARY)
-# The reason given to nodes that compute shapes, indices or masks: not candidates at all.
-NOT_FLOAT_DATA = "computes no float tensor (shape, index or mask arithmetic)"
+
 
 
 class _Groups:
@@ -282,3 +282,18 @@ def _int_attr(node: ir.Node, name: str, default: int) -> int:
 def _float_attr(node: ir.Node, name: str, default: float) -> float:
     attr = node.attributes.get(name)
     return default if attr is None else float(attr.value)
+
+
+def decision_summary(model: ir.Model) -> tuple[dict[str, int], list[tuple[str, str, str]]]:
+    """Quantized node counts by op, and (name, op, reason) of every node left float, in graph order."""
+    quantized: dict[str, int] = {}
+    left_float: list[tuple[str, str, str]] = []
+    for node in model.graph:
+        decision = node.meta.get(DECISION_KEY)
+        if decision is None:
+            continue
+        if decision.quantized:
+            quantized[node.op_type] = quantized.get(node.op_type, 0) + 1
+        else:
+            left_float.append((node.name or "", node.op_type, decision.reason))
+    return quantized, left_float

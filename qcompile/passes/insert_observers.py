@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation
+from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation, QuantSpec
 
 _OBSERVED_PREFIX = "qcompile_observed__"
 
@@ -33,6 +33,16 @@ def activation_groups(model: ir.Model) -> dict[str, str]:
         if isinstance(annotation, ActivationAnnotation):
             result[observed_name(value)] = annotation.group
     return result
+
+
+def group_specs(model: ir.Model) -> dict[str, QuantSpec]:
+    """qparams group → the spec its observer computes qparams for."""
+    specs: dict[str, QuantSpec] = {}
+    for value in list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]:
+        annotation = value.meta.get(ANNOTATION_KEY)
+        if isinstance(annotation, ActivationAnnotation):
+            specs[annotation.group] = annotation.spec
+    return specs
 
 
 class InsertObserversPass(ir.passes.FunctionalPass):

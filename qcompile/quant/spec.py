@@ -95,6 +95,10 @@ class BiasAnnotation:
 Annotation = ActivationAnnotation | WeightAnnotation | ConstantAnnotation | BiasAnnotation
 
 
+# The reason given to nodes that compute shapes, indices or masks: not candidates at all.
+NOT_FLOAT_DATA = "computes no float tensor (shape, index or mask arithmetic)"
+
+
 @dataclass(frozen=True)
 class NodeDecision:
     """Whether a node runs quantized, and in words why not."""

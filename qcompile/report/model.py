@@ -7,7 +7,28 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcompile.pipeline import PassRecord
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, for the report."""
+
+    name: str
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "modified": self.modified,
+            "seconds": round(self.seconds, 6),
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "notes": list(self.notes),
+        }
 
 
 @dataclass(frozen=True)
@@ -15,6 +36,8 @@ class FloatNode:
     name: str
     op_type: str
     reason: str
+    # The node computes shapes, indices or masks: not a candidate for quantization at all.
+    shape_arithmetic: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from qcompile.passes.annotate import NOT_FLOAT_DATA
 from qcompile.report.model import CompileReport, group_float_nodes
 
 
@@ -65,11 +64,10 @@ def render_text(report: CompileReport) -> str:
         lines.append("stayed float:")
         rows = [
             [g.op_type, str(len(g.nodes)), g.reason, _names(g.nodes)]
-            for g in group_float_nodes(q.float_nodes)
-            if g.reason != NOT_FLOAT_DATA
+            for g in group_float_nodes([n for n in q.float_nodes if not n.shape_arithmetic])
         ]
         lines += ["  " + r for r in _table(["op", "count", "reason", "nodes"], rows)]
-        integer = sum(1 for n in q.float_nodes if n.reason == NOT_FLOAT_DATA)
+        integer = sum(1 for n in q.float_nodes if n.shape_arithmetic)
         if integer:
             lines.append(f"  (and {integer} nodes that compute shapes, indices or masks, not float data)")
 

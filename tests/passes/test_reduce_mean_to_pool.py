@@ -1,5 +1,4 @@
 import numpy as np
-import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
 
