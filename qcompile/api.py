@@ -167,7 +167,7 @@ def _verdict(result: VerificationResult, min_sqnr: float | None, data_desc: str)
     out["min_sqnr_threshold"] = min_sqnr
     out["passed"] = result.passed(min_sqnr)
     if min_sqnr is None:
-        out["verdict"] = f"ran on CPU; no threshold set (lowest output SQNR {result.min_sqnr:.2f} dB)"
+        out["verdict"] = f"ran on {result.provider.upper()}; no threshold set (lowest output SQNR {result.min_sqnr:.2f} dB)"
     elif out["passed"]:
         out["verdict"] = f"PASS: lowest output SQNR {result.min_sqnr:.2f} dB >= {min_sqnr} dB"
     else:
@@ -227,6 +227,7 @@ def verify(
     min_sqnr: float | None = None,
     per_layer: bool = False,
     show_progress: bool = False,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
     """Compare a quantized model with its float original on ``data``.
 
@@ -243,5 +244,7 @@ def verify(
     if per_layer:
         quant_outputs = {o for n in quant_proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") for o in n.output}
         layer_names = [o for n in float_proto.graph.node for o in n.output if o in quant_outputs]
-    result = compare_models(float_proto, quant_proto, source, show_progress=show_progress, layer_names=layer_names)
+    result = compare_models(
+        float_proto, quant_proto, source, provider=provider, show_progress=show_progress, layer_names=layer_names
+    )
     return _verdict(result, min_sqnr, source.describe())

@@ -156,13 +156,17 @@ def _print_report(report, as_json: bool, verbose: bool) -> None:
 @click.option("--data", required=True, help="Verification data: a folder of .npz files or a .npz/.npy file.")
 @click.option("--min-sqnr", type=float, default=None, help="Exit 5 when an output's SQNR in dB is below this.")
 @click.option("--per-layer", is_flag=True, help="Also report SQNR of every tensor both models have.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider both models run on (cuda: checked to really run there).")
 @click.option("--json", "as_json", is_flag=True)
-def verify_command(float_model: Path, quant_model: Path, data: str, min_sqnr: float | None, per_layer: bool, as_json: bool) -> None:
-    """Compare QUANT_MODEL with FLOAT_MODEL on DATA (onnxruntime, CPU)."""
+def verify_command(
+    float_model: Path, quant_model: Path, data: str, min_sqnr: float | None, per_layer: bool, provider: str, as_json: bool
+) -> None:
+    """Compare QUANT_MODEL with FLOAT_MODEL on DATA (onnxruntime)."""
     from qcompile.api import verify
     from qcompile.report.text import render_verification
 
-    verdict = verify(float_model, quant_model, data, min_sqnr=min_sqnr, per_layer=per_layer)
+    verdict = verify(float_model, quant_model, data, min_sqnr=min_sqnr, per_layer=per_layer, provider=provider)
     click.echo(json.dumps(verdict, indent=2) if as_json else render_verification(verdict))
     if not verdict["passed"]:
         raise VerificationFailedError(verdict["verdict"])

@@ -169,3 +169,27 @@ def test_unknown_op_stays_float_with_reason(tmp_path, calib_dir):
     report = json.loads(result.stdout)
     floats = report["quantization"]["float_nodes"]
     assert [f["op_type"] for f in floats] == ["Softmax"] and "not in the op table" in floats[0]["reason"]
+
+
+def test_verify_on_cuda_without_the_provider_is_a_usage_error(tmp_path, model_path, calib_dir):
+    from qcompile.verify.sessions import cuda_available
+
+    if cuda_available():
+        pytest.skip("the CUDA provider is present here; tests/gpu covers it")
+    out = tmp_path / "q.onnx"
+    assert invoke("compile", model_path, "-o", out, "--calib", calib_dir, "--quiet").exit_code == 0
+    assert_one_line_error(invoke("verify", model_path, out, "--data", calib_dir, "--provider", "cuda"), 2, "CUDA")
+
+
+@pytest.mark.gpu
+def test_verify_on_cuda(tmp_path, model_path, calib_dir):
+    from qcompile.verify.sessions import cuda_available
+
+    if not cuda_available():
+        pytest.skip("onnxruntime's CUDA execution provider is not available")
+    out = tmp_path / "q.onnx"
+    assert invoke("compile", model_path, "-o", out, "--calib", calib_dir, "--quiet").exit_code == 0
+    result = invoke("verify", model_path, out, "--data", calib_dir, "--provider", "cuda", "--json")
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["provider"] == "cuda" and verdict["outputs"][0]["sqnr_db"] > 25
