@@ -87,4 +87,7 @@ def test_cuda_session_runs_on_cuda():
     sess = make_session(mlp(), "cuda")
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
     (y,) = sess.run(None, {"x": X})
-    np.testing.assert_allclose(y, numpy_mlp(X)["y"], rtol=1e-4, atol=1e-4)
+    # The CUDA provider runs float MatMul in TF32 on Ampere and newer (10-bit mantissa) by default:
+    # seen on an H200, errors near 1e-3 of the outputs' scale.
+    scale = float(np.abs(numpy_mlp(X)["y"]).max())
+    np.testing.assert_allclose(y, numpy_mlp(X)["y"], rtol=1e-2, atol=1e-2 * scale)
