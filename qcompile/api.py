@@ -26,6 +26,7 @@ from qcompile.passes.annotate import decision_summary
 from qcompile.quant.spec import DECISION_KEY, NOT_FLOAT_DATA
 from qcompile.report.model import CompileReport, FloatNode, QuantizationSummary
 from qcompile.verify.compare import VerificationResult, compare_models
+from qcompile.verify.fusion import check_fusion
 
 CalibrationData = str | os.PathLike | FeedSource | Iterable[Any]
 RANDOM = "random"
@@ -38,8 +39,19 @@ class CompileResult:
     verification: VerificationResult | None
 
     @property
+    def failure(self) -> str | None:
+        """Why the compile misses a gate (``min_sqnr``, ``strict_fusion``), or None."""
+        verification = self.report.verification
+        if verification is not None and not verification.get("passed", True):
+            return verification["verdict"]
+        fusion = self.report.fusion
+        if self.report.options["verification"]["strict_fusion"] and fusion is not None and not fusion["fused"]:
+            return f"FAIL: strict fusion: {fusion['summary']}"
+        return None
+
+    @property
     def verification_passed(self) -> bool:
-        return self.report.verification is None or bool(self.report.verification.get("passed", True))
+        return self.failure is None
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the report (``PATH.report.json``) first, then the model: the model file is the commit point."""
@@ -123,6 +135,11 @@ def compile_model(
     except onnx.checker.ValidationError as exc:
         raise InternalError(f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
+    # What onnxruntime really runs: are the quantized ops fused into int8 kernels?
+    _, left_float = decision_summary(qmodel)
+    fusion = check_fusion(quant_proto, float_by_decision=frozenset(name for name, _, _ in left_float))
+    fusion_json = {**fusion.to_json(), "summary": fusion.summary()}
+
     verification = None
     verification_json = None
     if verify_source is not None:
@@ -152,6 +169,7 @@ def compile_model(
             "fingerprint": calibration_summary.fingerprint,
         },
         verification=verification_json,
+        fusion=fusion_json,
         notes=report_notes + notes(qmodel),
         warnings=warnings,
         seconds=time.perf_counter() - start,

@@ -81,6 +81,7 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             enabled=not flags["no_verify"],
             min_sqnr=flags["min_sqnr"],
             per_layer=flags["per_layer"],
+            strict_fusion=flags["strict_fusion"],
         ),
         output=OutputOptions(
             max_opset=flags["max_opset"],
@@ -113,6 +114,7 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")
 @click.option("--per-layer", is_flag=True, help="Report SQNR of every quantized tensor.")
 @click.option("--no-verify", is_flag=True, help="Skip verification.")
+@click.option("--strict-fusion", is_flag=True, help="Fail (exit 5) when onnxruntime leaves a quantized op unfused.")
 @click.option("--max-opset", type=int, default=None, help="Highest opset the output may use.")
 @click.option("--no-contrib-ops", is_flag=True, help="The output may use only the default ONNX domain.")
 @click.option("--keep-node-metadata", is_flag=True, help="Keep the exporter's per-node metadata and doc strings.")
@@ -136,7 +138,7 @@ def compile_command(model: Path, output: Path, calibration: str, verify_data: Pa
         result.report.output_path = None
         write_bytes_atomic(report_path(output), result.report.to_json_text().encode())
         _print_report(result.report, as_json, options.show_progress)
-        raise VerificationFailedError(f"{result.report.verification['verdict']} (report: {report_path(output)})")
+        raise VerificationFailedError(f"{result.failure} (report: {report_path(output)})")
     result.save(output, force=force)
     _print_report(result.report, as_json, options.show_progress)
     if not as_json and options.show_progress:

@@ -82,6 +82,8 @@ class VerificationOptions:
     # Without separate verification data, hold out this fraction of the calibration samples.
     holdout_fraction: float = 0.2
     max_samples: int | None = None
+    # Fail the compile (exit code 5) when a quantized op is not fused into an int8 kernel.
+    strict_fusion: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:

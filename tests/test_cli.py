@@ -193,3 +193,12 @@ def test_verify_on_cuda(tmp_path, model_path, calib_dir):
     assert result.exit_code == 0, result.output
     verdict = json.loads(result.stdout)
     assert verdict["provider"] == "cuda" and verdict["outputs"][0]["sqnr_db"] > 25
+
+
+def test_strict_fusion_passes_on_a_fused_model_and_report_says_fused(tmp_path, model_path, calib_dir):
+    out = tmp_path / "q.onnx"
+    result = invoke("compile", model_path, "-o", out, "--calib", calib_dir, "--strict-fusion", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["verification"]["strict_fusion"] is True
+    assert report["fusion"]["fused"] and report["fusion"]["int8_kernels"]["QLinearConv"] == 1

@@ -99,6 +99,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         user = self._kept_float_by_user(node)
         if user:
             return user
+        if not rule.int8_kernel:
+            return f"onnxruntime has no int8 {node.op_type} kernel: quantizing it would only add Q/DQ work"
         data = node.inputs[0] if node.inputs else None
         if data is None or data.dtype != ir.DataType.FLOAT:
             dtype = None if data is None else data.dtype

@@ -45,6 +45,9 @@ class OpRule:
     # The int8 kernel can return float (QGemm, MatMulIntegerToFloat): a graph output produced by
     # this op, or one read only by float ops, is left unquantized rather than rounded again.
     float_output_ok: bool = False
+    # onnxruntime's CPU provider has an int8 kernel (or drops the Q/DQ pair) for this op. Without
+    # one, quantizing it runs DequantizeLinear → float op → QuantizeLinear: only added work.
+    int8_kernel: bool = True
 
     def __post_init__(self) -> None:
         if (self.weight_input is None) != (self.weight_axis is None) and self.op_type != "MatMul":
@@ -64,7 +67,8 @@ _RULES = (
     OpRule("AveragePool", OpKind.UNARY),
     OpRule("GlobalAveragePool", OpKind.UNARY),
     OpRule("Sigmoid", OpKind.UNARY),
-    OpRule("HardSigmoid", OpKind.UNARY),
+    # Measured with onnxruntime 1.32 (qcompile.verify.fusion): no QLinearHardSigmoid, stays float.
+    OpRule("HardSigmoid", OpKind.UNARY, int8_kernel=False),
     OpRule("LeakyRelu", OpKind.UNARY),
     OpRule("Relu", OpKind.FUSABLE_ACTIVATION),
     OpRule("Clip", OpKind.FUSABLE_ACTIVATION),

@@ -94,6 +94,7 @@ class CompileReport:
     verification: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    fusion: dict[str, Any] | None = None
     output_path: str | None = None
     seconds: float = 0.0
 
@@ -118,6 +119,7 @@ class CompileReport:
             },
             "output_model": {"opset": self.opset, "domains": self.domains, "ops": dict(sorted(self.output_ops.items()))},
             "calibration": self.calibration,
+            "fusion": self.fusion,
             "verification": self.verification,
             "seconds": round(self.seconds, 3),
         }

@@ -83,6 +83,9 @@ def render_text(report: CompileReport) -> str:
     lines.append(f"{cal.get('source', '?')}: {cal.get('samples')} samples in {cal.get('feeds')} batches, {cal.get('seconds', 0):.2f} s")
     lines.append(f"fingerprint {cal.get('fingerprint', '')[:16]}…")
 
+    if report.fusion is not None:
+        lines += ["", "Fusion"]
+        lines.append(report.fusion.get("summary", ""))
     lines += ["", "Verification"]
     lines += _verification_lines(report.verification)
     lines += ["", f"compiled in {report.seconds:.2f} s"]

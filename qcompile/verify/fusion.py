@@ -1,0 +1,136 @@
+"""The fusion check: does onnxruntime turn our Q/DQ pattern into int8 kernels, or run floats between them?
+
+onnxruntime fuses ``DequantizeLinear → op → QuantizeLinear`` groups into integer kernels (QLinearConv,
+QGemm, QLinearAdd, ...) when the pattern matches its selectors; where it does not, the op runs in
+float between a DequantizeLinear and a QuantizeLinear, and quantization only *adds* work. The check
+builds a session for the target, saves the optimized graph, and classifies what is left:
+
+- a DequantizeLinear / QuantizeLinear at a float↔int boundary (model input/output, or next to an op
+  that is float by decision) is expected;
+- an op whose inputs come from a DequantizeLinear and whose output goes into a QuantizeLinear is an
+  *unfused* op: it runs in float inside a quantized region.
+
+Uses ``ORT_ENABLE_EXTENDED`` (the QDQ fusions run at that level; ALL adds hardware-specific layout
+changes that do not change what is fused).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+
+from qcompile.errors import InvalidModelError
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    provider: str
+    quantize_nodes: int  # left after optimization
+    dequantize_nodes: int
+    unfused_ops: dict[str, int] = field(default_factory=dict)  # op type → count running in float between DQ and Q
+    unfused_nodes: tuple[str, ...] = ()
+    kernels: dict[str, int] = field(default_factory=dict)  # integer kernels the runtime chose
+    # Ops float by the compiler's decision that still sit between DQ and Q (expected boundaries).
+    float_between: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fused(self) -> bool:
+        return not self.unfused_ops
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "fused": self.fused,
+            "quantize_nodes_left": self.quantize_nodes,
+            "dequantize_nodes_left": self.dequantize_nodes,
+            "unfused_ops": dict(sorted(self.unfused_ops.items())),
+            "unfused_nodes": list(self.unfused_nodes),
+            "int8_kernels": dict(sorted(self.kernels.items())),
+            "float_by_decision_between_qdq": dict(sorted(self.float_between.items())),
+        }
+
+    def summary(self) -> str:
+        kernels = ", ".join(f"{k}×{n}" for k, n in sorted(self.kernels.items())) or "none"
+        text = (
+            f"onnxruntime {self.provider.upper()}: int8 kernels {kernels}; "
+            f"{self.quantize_nodes} QuantizeLinear and {self.dequantize_nodes} DequantizeLinear left"
+        )
+        if self.float_between:
+            ops = ", ".join(f"{k}×{n}" for k, n in sorted(self.float_between.items()))
+            text += f"; float by decision between int8 regions: {ops}"
+        if self.fused:
+            return text + "; every quantized op fused"
+        ops = ", ".join(f"{k}×{n}" for k, n in sorted(self.unfused_ops.items()))
+        return text + f"; NOT FUSED, run in float between DQ and Q: {ops}"
+
+
+def _is_integer_kernel(node: onnx.NodeProto) -> bool:
+    name = node.op_type
+    return (
+        name.startswith("QLinear")
+        or name in ("QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger", "MatMulInteger")
+        or (name.startswith("Nhwc") and "QLinear" in name)
+    )
+
+
+def optimized_graph(model: onnx.ModelProto, provider: str = "cpu") -> onnx.ModelProto:
+    """The graph onnxruntime runs after its optimizations (CPU provider)."""
+    if provider != "cpu":
+        raise NotImplementedError("the fusion check runs on the CPU provider")
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory(prefix="qcompile-fusion-") as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception types share no base
+            raise InvalidModelError(f"onnxruntime cannot load the quantized model: {str(exc).splitlines()[0]}") from None
+        return onnx.load(so.optimized_model_filepath)
+
+
+def check_fusion(
+    model: onnx.ModelProto, provider: str = "cpu", float_by_decision: frozenset[str] = frozenset()
+) -> FusionReport:
+    """Classify what is left of the Q/DQ nodes after onnxruntime's optimizations.
+
+    ``float_by_decision``: names of nodes the compiler left float on purpose; one of those between
+    a DequantizeLinear and a QuantizeLinear is a boundary, not a fusion failure.
+    """
+    graph = optimized_graph(model, provider).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    unfused: Counter = Counter()
+    float_between: Counter = Counter()
+    unfused_names: list[str] = []
+    for node in graph.node:
+        if node.op_type in _QDQ or _is_integer_kernel(node):
+            continue
+        reads_dq = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input)
+        feeds_q = any(c.op_type == "QuantizeLinear" for o in node.output for c in consumers.get(o, []))
+        if reads_dq and feeds_q and node.name in float_by_decision:
+            float_between[node.op_type] += 1
+        elif reads_dq and feeds_q:
+            unfused[node.op_type] += 1
+            unfused_names.append(node.name)
+    ops = Counter(n.op_type for n in graph.node)
+    return FusionReport(
+        provider=provider,
+        quantize_nodes=ops["QuantizeLinear"],
+        dequantize_nodes=ops["DequantizeLinear"],
+        unfused_ops=dict(unfused),
+        unfused_nodes=tuple(unfused_names),
+        kernels={op: n for op, n in ops.items() if _is_integer_kernel(onnx.NodeProto(op_type=op))},
+        float_between=dict(float_between),
+    )

@@ -1,0 +1,116 @@
+"""The fusion check: fused int8 kernels, unfused ops between DQ and Q, float-by-decision boundaries."""
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import qcompile
+from qcompile.passes import op_rules
+from qcompile.verify.fusion import check_fusion
+from tests.helpers import parse_model, to_proto
+from tests.passes.test_annotate import conv_relu_pool_gemm
+from tests.quant_helpers import quantize
+
+rng = np.random.default_rng(0)
+
+
+def _feeds(shape, n=4):
+    return [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def test_quantized_conv_net_is_fully_fused():
+    model = quantize(conv_relu_pool_gemm(), _feeds((2, 3, 8, 8)))
+    report = check_fusion(to_proto(model))
+    assert report.fused and report.unfused_ops == {}
+    assert report.kernels == {"QLinearConv": 1, "QGemm": 1}
+    # Only the input's QuantizeLinear is left: the Gemm returns float.
+    assert (report.quantize_nodes, report.dequantize_nodes) == (1, 0)
+
+
+def _dq_erf_q() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("Erf", ["xd"], ["e"], name="the_erf"),
+        helper.make_node("QuantizeLinear", ["e", "s", "z"], ["eq"]),
+        helper.make_node("DequantizeLinear", ["eq", "s", "z"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 8])], [helper.make_tensor_value_info("y", 1, [1, 8])], inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_op_without_int8_kernel_between_dq_and_q_is_unfused_unless_float_by_decision():
+    report = check_fusion(_dq_erf_q())
+    assert not report.fused and report.unfused_ops == {"Erf": 1} and report.unfused_nodes == ("the_erf",)
+    assert "NOT FUSED" in report.summary()
+    report = check_fusion(_dq_erf_q(), float_by_decision=frozenset({"the_erf"}))
+    assert report.fused and report.float_between == {"Erf": 1}
+
+
+HARD_SIGMOID = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4,5,5] x) => (float[N,4,5,5] y) {
+  a = Conv (x, w1)
+  b = HardSigmoid(a)
+  y = Conv (b, w2)
+}"""
+
+
+def _hard_sigmoid_model() -> onnx.ModelProto:
+    inits = dict(w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), w2=rng.normal(size=(4, 4, 1, 1)).astype(np.float32))
+    return to_proto(parse_model(HARD_SIGMOID, inits))
+
+
+def test_compile_reports_fusion_and_keeps_ops_without_kernels_float():
+    result = qcompile.compile_model(_hard_sigmoid_model(), _feeds((2, 4, 5, 5), 6), qcompile.CompileOptions(show_progress=False))
+    fusion = result.report.fusion
+    assert fusion["fused"] and fusion["float_by_decision_between_qdq"] == {"HardSigmoid": 1}
+    reasons = [n.reason for n in result.report.quantization.float_nodes]
+    assert any("no int8 HardSigmoid kernel" in r for r in reasons)
+
+
+def test_strict_fusion_fails_when_a_quantized_op_is_not_fused(monkeypatch):
+    # Pretend onnxruntime had an int8 HardSigmoid: the compiler quantizes it, onnxruntime cannot fuse it.
+    rule = dataclasses.replace(op_rules.OP_RULES["HardSigmoid"], int8_kernel=True)
+    monkeypatch.setitem(op_rules.OP_RULES, "HardSigmoid", rule)
+    options = qcompile.CompileOptions(show_progress=False, verification=qcompile.VerificationOptions(strict_fusion=True))
+    result = qcompile.compile_model(_hard_sigmoid_model(), _feeds((2, 4, 5, 5), 6), options)
+    assert result.report.fusion["unfused_ops"] == {"HardSigmoid": 1}
+    assert not result.verification_passed and "strict fusion" in result.failure
+    relaxed = qcompile.CompileOptions(show_progress=False)
+    assert qcompile.compile_model(_hard_sigmoid_model(), _feeds((2, 4, 5, 5), 6), relaxed).verification_passed
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "LeakyRelu", "Add", "Concat", "Resize", "Transpose", "AveragePool"])
+def test_op_table_ops_fuse_on_cpu(op):
+    """Each op the table quantizes, between two Convs, ends in an int8 kernel (or its Q/DQ pair is dropped)."""
+    body = {
+        "Sigmoid": "b = Sigmoid(a)",
+        "LeakyRelu": "b = LeakyRelu(a)",
+        "Add": "a2 = Conv (x, w3)\n b = Add(a, a2)",
+        "Concat": "a2 = Conv (x, w3)\n c = Concat <axis=1> (a, a2)\n b = Slice(c, s0, s1, ax)",
+        "Resize": 't = Resize <mode="nearest"> (a, , sc)\n b = MaxPool <kernel_shape=[2,2], strides=[2,2]> (t)',
+        "Transpose": "t = Transpose <perm=[0,1,3,2]> (a)\n b = Transpose <perm=[0,1,3,2]> (t)",
+        "AveragePool": "b = AveragePool <kernel_shape=[3,3], pads=[1,1,1,1]> (a)",
+    }[op]
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{
+      a = Conv (x, w1, b1)
+      {body}
+      y = Conv (b, w2, b2)
+    }}"""
+    arrays = dict(
+        w1=rng.normal(size=(4, 4, 1, 1)), w2=rng.normal(size=(4, 4, 1, 1)), w3=rng.normal(size=(4, 4, 1, 1)),
+        b1=rng.normal(size=4), b2=rng.normal(size=4), sc=np.array([1, 1, 2, 2.0]),
+    )
+    inits = {k: v.astype(np.float32) for k, v in arrays.items() if k in text}
+    inits.update({k: np.array(v, np.int64) for k, v in dict(s0=[0], s1=[4], ax=[1]).items() if k in text})
+    model = quantize(parse_model(text, inits), _feeds((2, 4, 6, 6)))
+    report = check_fusion(to_proto(model))
+    assert report.fused, report.summary()
+    assert report.kernels["QLinearConv"] >= 2
