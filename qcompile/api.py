@@ -25,6 +25,8 @@ from qcompile.pipeline import PassRunner, compile_ir
 from qcompile.passes.annotate import decision_summary
 from qcompile.quant.spec import DECISION_KEY, NOT_FLOAT_DATA
 from qcompile.report.model import CompileReport, FloatNode, QuantizationSummary
+from qcompile.verify.analysis import Analysis
+from qcompile.verify.analysis import analyze as analyze_models
 from qcompile.verify.compare import VerificationResult, compare_models
 from qcompile.verify.fusion import check_fusion
 
@@ -266,3 +268,17 @@ def verify(
         float_proto, quant_proto, source, provider=provider, show_progress=show_progress, layer_names=layer_names
     )
     return _verdict(result, min_sqnr, source.describe())
+
+
+def analyze(
+    float_model: str | os.PathLike | onnx.ModelProto,
+    quant_model: str | os.PathLike | onnx.ModelProto,
+    data: CalibrationData,
+    *,
+    drop_db: float = 6.0,
+) -> Analysis:
+    """Per-layer error of a quantized model against its float original (see ``qcompile.verify.analysis``)."""
+    float_loaded = load_model(float_model)
+    quant_loaded = load_model(quant_model)
+    source = _feed_source(data, input_specs(float_loaded.model), "analysis", CompileOptions())
+    return analyze_models(ir.to_proto(float_loaded.model), ir.to_proto(quant_loaded.model), source, drop_db=drop_db)

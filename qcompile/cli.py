@@ -174,6 +174,24 @@ def verify_command(
         raise VerificationFailedError(verdict["verdict"])
 
 
+@main.command("analyze")
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quant_model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Data: a folder of .npz files or a .npz/.npy file.")
+@click.option("--drop-db", type=float, default=6.0, show_default=True, help="A fall this large marks the first sharp drop.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, help="Also write an HTML page with the SQNR plot.")
+@click.option("--json", "as_json", is_flag=True)
+def analyze_command(float_model: Path, quant_model: Path, data: str, drop_db: float, html_path: Path | None, as_json: bool) -> None:
+    """Per-layer SQNR, clipping and weight/bias error of QUANT_MODEL against FLOAT_MODEL."""
+    from qcompile.api import analyze
+    from qcompile.graph.io import write_bytes_atomic
+
+    result = analyze(float_model, quant_model, data, drop_db=drop_db)
+    if html_path is not None:
+        write_bytes_atomic(html_path, result.render_html().encode())
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.render_text())
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
