@@ -126,19 +126,28 @@ def take_over_output(bn: ir.Node, new: ir.Value) -> None:
     """Make ``new`` stand for the BN's output and remove the BN.
 
     ``new`` is an internal value of the BN's graph that only the BN read or that the pass just made,
-    so it may take the BN output's name, which a graph output must keep.
+    so it takes the BN output's name: a graph output must keep it, and a tensor name keeps one
+    meaning across the float and compiled models (per-layer comparisons match tensors by name; the
+    producer's old name, which meant the value before normalization, disappears).
     """
     old = bn.outputs[0]
     name = old.name
-    is_graph_output = old.is_graph_output()
     if new.type is None:
         new.type = old.type
     if new.shape is None:
         new.shape = old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_graph_output:
-        new.name = name
     bn.graph.remove(bn, safe=True)
+    if name:
+        new.name = name
+
+
+def _fresh_name(names: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
 
 
 def names_in_use(graph: ir.Graph) -> set[str]:
@@ -154,10 +163,7 @@ def names_in_use(graph: ir.Graph) -> set[str]:
 
 def add_initializer(graph: ir.Graph, names: set[str], base: str, array: np.ndarray) -> ir.Value:
     """A new initializer named ``base`` (or ``base_1``, ... when taken)."""
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
+    name = _fresh_name(names, base)
     value = ir.Value(
         name=name,
         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
@@ -275,6 +281,8 @@ def _fold_matmul(node: ir.Node, affine: ChannelAffine, names: set[str]) -> ir.Va
     if not known or known[0].rank() != 2:
         return None
     base = node.outputs[0].name or node.op_type
+    # The MatMul now computes a scaled product: its old name would mean something else.
+    node.outputs[0].name = _fresh_name(names, f"{base}_bn_scaled")
     new_b_matrix = (b_matrix.astype(np.float64) * affine.scale[None, :]).astype(b_matrix.dtype)
     _set_input(node, 1, add_initializer(node.graph, names, f"{base}_bn_weight", new_b_matrix))
     bias = add_initializer(node.graph, names, f"{base}_bn_bias", affine.shift.astype(b_matrix.dtype))

@@ -292,3 +292,25 @@ def test_inside_if_branch_folded_and_outer_scope_bn_decomposed():
     onnx.checker.check_model(ir.to_proto(folded))
     for k in (True, False):
         assert_numerically_close(original, folded, {**_feeds(x=(1, 2, 3, 3)), "k": np.array(k)})
+
+
+def test_folded_producer_takes_the_batchnorm_output_name():
+    """A tensor name keeps one meaning across float and compiled models (per-layer SQNR matches by name)."""
+    rng_local = np.random.default_rng(7)
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+      conv_out = Conv <pads=[1,1,1,1]> (x, w)
+      bn_out = BatchNormalization (conv_out, s, o, m, v)
+      y = Relu(bn_out)
+    }"""
+    inits = dict(
+        w=rng_local.normal(size=(4, 3, 3, 3)).astype(np.float32), s=rng_local.uniform(0.5, 2, 4).astype(np.float32),
+        o=rng_local.normal(size=4).astype(np.float32), m=rng_local.normal(size=4).astype(np.float32),
+        v=rng_local.uniform(0.5, 2, 4).astype(np.float32),
+    )
+    model = parse_model(text, inits)
+    assert FoldBatchNormPass()(model).modified
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.outputs[0].name == "bn_out"
+    assert "conv_out" not in {o.name for n in model.graph for o in n.outputs}
+    assert_numerically_close(parse_model(text, inits), model, {"x": rng_local.normal(size=(1, 3, 6, 6)).astype(np.float32)})
