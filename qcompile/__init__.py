@@ -26,6 +26,7 @@ from qcompile.options import (  # noqa: E402
     SchemeOptions,
     VerificationOptions,
     WeightGranularity,
+    WeightMethod,
 )
 
 
@@ -52,6 +53,7 @@ __all__ = [
     "VerificationFailedError",
     "VerificationOptions",
     "WeightGranularity",
+    "WeightMethod",
     "__version__",
     "compile_model",
     "export_torch",

@@ -21,8 +21,8 @@ from qcompile.graph.io import load_model, save_model_atomic, write_bytes_atomic
 from qcompile.graph.notes import notes
 from qcompile.graph.queries import opset_version
 from qcompile.options import CompileOptions
-from qcompile.pipeline import PassRunner, compile_ir
-from qcompile.passes.annotate import decision_summary
+from qcompile.pipeline import CalibrationSummary, PassRunner, compile_ir
+from qcompile.passes.annotate import decision_summary, quantized_node_names
 from qcompile.quant.spec import DECISION_KEY, NOT_FLOAT_DATA
 from qcompile.report.model import CompileReport, FloatNode, QuantizationSummary
 from qcompile.verify.analysis import Analysis
@@ -62,7 +62,7 @@ class CompileResult:
             save_model_atomic(self.model, path, force=False)  # raises OutputExistsError
         self.report.output_path = str(path)
         write_bytes_atomic(report_path(path), self.report.to_json_text().encode())
-        save_model_atomic(self.model, path, force=True)
+        save_model_atomic(self.model, path, force=force)  # force also covers a stray <path>.data
         return path
 
 
@@ -127,6 +127,7 @@ def compile_model(
 
     runner = PassRunner(options)
     qmodel, calibration_summary = compile_ir(loaded.model, calib, len(calib), runner)
+    warnings += _calibration_warnings(calibration_summary)
     _check_output_bounds(qmodel, options)
     qmodel.metadata_props["qcompile.version"] = __version__
     qmodel.metadata_props["qcompile.options"] = json.dumps(options.to_dict(), sort_keys=True)
@@ -138,8 +139,7 @@ def compile_model(
         raise InternalError(f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
     # What onnxruntime really runs: are the quantized ops fused into int8 kernels?
-    _, left_float = decision_summary(qmodel)
-    fusion = check_fusion(quant_proto, float_by_decision=frozenset(name for name, _, _ in left_float))
+    fusion = check_fusion(quant_proto, quantized_by_decision=quantized_node_names(qmodel))
     fusion_json = {**fusion.to_json(), "summary": fusion.summary()}
 
     verification = None
@@ -169,6 +169,9 @@ def compile_model(
             "samples": calibration_summary.samples,
             "seconds": round(calibration_summary.seconds, 4),
             "fingerprint": calibration_summary.fingerprint,
+            "method": options.calibration.method.value,
+            "cache": calibration_summary.cache,
+            "cache_hit": calibration_summary.cache_hit,
         },
         verification=verification_json,
         fusion=fusion_json,
@@ -192,6 +195,21 @@ def _verdict(result: VerificationResult, min_sqnr: float | None, data_desc: str)
         out["verdict"] = f"PASS: lowest output SQNR {result.min_sqnr:.2f} dB >= {min_sqnr} dB"
     else:
         out["verdict"] = f"FAIL: lowest output SQNR {result.min_sqnr:.2f} dB < {min_sqnr} dB"
+    return out
+
+
+def _calibration_warnings(summary: CalibrationSummary) -> list[str]:
+    """A single calibration sample, and activations that were 0 on every sample (zero range)."""
+    out = []
+    if summary.samples == 1:
+        out.append("calibrated on a single sample: ranges from one sample rarely cover real inputs")
+    zero = summary.zero_range
+    if zero:
+        shown = ", ".join(repr(name) for name in zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+        out.append(
+            f"{len(zero)} activation(s) were 0 on every calibration sample (zero range: quantized with "
+            f"scale 1, so only their integer values survive): {shown}"
+        )
     return out
 
 

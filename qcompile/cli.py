@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +28,45 @@ from qcompile.options import (
     SchemeOptions,
     VerificationOptions,
     WeightGranularity,
+    WeightMethod,
 )
+
+# Flag defaults come from the dataclass, so a default lives in one place (options.py).
+_CALIBRATION_DEFAULTS = CalibrationOptions()
 
 
 def _fail(error: QcompileError, as_json: bool) -> None:
+    _fail_line(error.message, type(error).__name__, error.exit_code, as_json)
+
+
+def _fail_line(message: str, kind: str, exit_code: int, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"error": error.message, "kind": type(error).__name__, "exit_code": error.exit_code}))
+        click.echo(json.dumps({"error": message, "kind": kind, "exit_code": exit_code}))
     else:
-        click.echo(f"error: {error.message}", err=True)
-    sys.exit(error.exit_code)
+        click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds as Ctrl-C does: temporary files are
+    removed and nothing is left half-written at an output path (exit code 128 + 15)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Group(click.Group):
@@ -43,14 +76,16 @@ class _Group(click.Group):
         tokens = list(getattr(ctx, "_protected_args", [])) + list(ctx.args)
         as_json = "--json" in tokens
         try:
-            return super().invoke(ctx)
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
         except QcompileError as error:
             _fail(error, as_json)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C (130) or SIGTERM (143); nothing is left half-written
+            if isinstance(interrupt, _Terminated):
+                _fail_line("terminated (SIGTERM)", "Terminated", 128 + signal.SIGTERM, as_json)
+            _fail_line("interrupted", "Interrupted", 128 + signal.SIGINT, as_json)
         except Exception as exc:  # a bug: one line unless debugging
             if os.environ.get("QCOMPILE_DEBUG"):
                 raise
@@ -73,9 +108,13 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
         ),
         calibration=CalibrationOptions(
             method=flags["calibration_method"],
+            percentile=flags["percentile"],
+            weight_method=flags["weight_method"],
+            cache=flags["calibration_cache"],
             max_samples=flags["calibration_max_samples"],
             random_samples=flags["random_samples"],
             seed=flags["seed"],
+            bias_correction_batches=flags["bias_correction_batches"],
         ),
         verification=VerificationOptions(
             enabled=not flags["no_verify"],
@@ -107,8 +146,17 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--activation-dtype", type=_choice(ActivationDType), default=ActivationDType.UINT8.value, show_default=True)
 @click.option("--weight-granularity", type=_choice(WeightGranularity), default=WeightGranularity.PER_CHANNEL.value, show_default=True)
 @click.option("--keep-float", multiple=True, help="Node name, name pattern (fnmatch) or op type to keep in float. Repeatable.")
-@click.option("--calibration-method", type=_choice(CalibrationMethod), default=CalibrationMethod.MINMAX.value, show_default=True)
+@click.option("--calibration-method", type=_choice(CalibrationMethod), default=_CALIBRATION_DEFAULTS.method.value,
+              show_default=True, help="How activation ranges are chosen from calibration (README: Calibration methods).")
+@click.option("--percentile", type=float, default=_CALIBRATION_DEFAULTS.percentile, show_default=True,
+              help="With --calibration-method percentile: the percentile of each tail kept unclipped.")
+@click.option("--weight-method", type=_choice(WeightMethod), default=_CALIBRATION_DEFAULTS.weight_method.value,
+              show_default=True, help="How weight ranges are chosen: max |w| or the MSE-optimal clipping.")
+@click.option("--calibration-cache", type=click.Path(path_type=Path), default=None,
+              help="JSON file of calibrated ranges: used if made for this model/data/settings, written if absent.")
 @click.option("--calibration-max-samples", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--bias-correction-batches", type=int, default=_CALIBRATION_DEFAULTS.bias_correction_batches, show_default=True,
+              help="Correct each layer's int32 bias for its mean output error, measured on this many calibration batches (0: off).")
 @click.option("--random-samples", type=int, default=32, show_default=True, help="Samples drawn with --calib random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")
@@ -214,3 +262,7 @@ def demo_command(out_dir: Path | None, seed: int, quiet: bool) -> None:
 
     outcome = run_demo(out_dir, seed=seed, show_progress=not quiet)
     click.echo(outcome.render_text())
+
+
+if __name__ == "__main__":  # python -m qcompile.cli
+    main()

@@ -59,10 +59,16 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             continue
         if not isinstance(value.type, ir.TensorType) or value.dtype is None:
             raise InvalidModelError(f"model input {value.name!r} is not a tensor ({value.type})")
+        try:
+            dtype = np.dtype(value.dtype.numpy())
+        except TypeError:  # UNDEFINED (which onnx's checker lets through) and types numpy lacks
+            raise InvalidModelError(
+                f"model input {value.name!r} has element type {value.dtype.name}, which has no numpy type"
+            ) from None
         shape = None
         if value.shape is not None:
             shape = tuple(d if isinstance(d, int) else d.value for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+        specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
 

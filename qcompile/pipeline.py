@@ -7,6 +7,7 @@ report. Ordering constraints are stated beside each entry.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -18,16 +19,19 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import _constant_folding
 
+from qcompile.calibration import cache as calibration_cache
 from qcompile.calibration.collect import calibrate
-from qcompile.calibration.observers import MinMaxObserver
+from qcompile.calibration.observers import make_observer
 from qcompile.graph.notes import notes
 from qcompile.graph.queries import node_count
-from qcompile.options import CompileOptions
+from qcompile.options import CalibrationOptions, CompileOptions
 from qcompile.passes import (
     AnnotatePass,
     AssignQParamsPass,
+    CorrectBiasPass,
     DecomposeBatchNormPass,
     DeriveBiasPass,
+    EliminateIdentityPass,
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
@@ -42,7 +46,10 @@ from qcompile.report.model import PassRecord
 def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
     """Float-to-float clean-ups run before anything is quantized."""
     return [
-        # First: a Dropout between Conv and BatchNormalization would block the BN fold.
+        # Every node gets a unique name: reports, --keep-float patterns and the fusion check (which
+        # finds our nodes in onnxruntime's optimized graph) refer to nodes by name.
+        ("name_nodes", common_passes.NameFixPass()),
+        # A Dropout between Conv and BatchNormalization would block the BN fold.
         ("remove_dropout", RemoveDropoutPass()),
         # Weights computed by constant subgraphs (Cast, Reshape of initializers) become initializers,
         # which BN folding and weight quantization need. onnxscript's folder, on onnx-ir.
@@ -60,7 +67,7 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
         # After folding: only BatchNormalization nodes with no foldable producer are left.
         ("decompose_batchnorm", DecomposeBatchNormPass()),
         ("reduce_mean_to_pool", ReduceMeanToGlobalPoolPass()),
-        ("eliminate_identity", common_passes.IdentityEliminationPass()),
+        ("eliminate_identity", EliminateIdentityPass()),  # onnx-ir's, keeping Identity between two outputs
         ("remove_unused", common_passes.RemoveUnusedNodesPass()),
         # Annotation needs dtypes of the values the rewrites created, and a topological order.
         ("infer_shapes_after_cleanup", common_passes.ShapeInferencePass(strict_mode=False)),
@@ -73,7 +80,7 @@ def finalize_passes(
 ) -> list[tuple[str, ir.passes.PassBase]]:
     """After calibration: numbers, then Q/DQ nodes."""
     passes = [
-        ("assign_qparams", AssignQParamsPass(activation_qparams)),
+        ("assign_qparams", AssignQParamsPass(activation_qparams, options.calibration.weight_method)),
         # Before placement: an overflowing bias raises its weight's scale, and placement rounds
         # the weights with the final scales.
         ("derive_bias", DeriveBiasPass()),
@@ -143,6 +150,11 @@ class CalibrationSummary:
     fingerprint: str
     tensors: int
     groups: int
+    # The calibration cache file (CalibrationOptions.cache), and whether the ranges came from it.
+    cache: str | None = None
+    cache_hit: bool = False
+    # Groups whose every calibration value was 0 (QParams.zero_range), for a report warning.
+    zero_range: tuple[str, ...] = ()
 
 
 def calibrate_activations(
@@ -152,13 +164,15 @@ def calibrate_activations(
     *,
     show_progress: bool,
     total: int | None,
+    options: CalibrationOptions | None = None,
 ) -> tuple[dict[str, QParams], CalibrationSummary]:
-    """Run the observation model over the feeds; one min/max observer per qparams group.
+    """Run the observation model over the feeds; one observer (``options.method``) per qparams group.
 
     Returns the activation qparams by group, and what was seen (with the data's fingerprint).
     """
+    options = options or CalibrationOptions()
     groups = activation_groups(model)
-    observers = {group: MinMaxObserver(spec, group) for group, spec in group_specs(model).items()}
+    observers = {group: make_observer(spec, options, group) for group, spec in group_specs(model).items()}
     digest = hashlib.sha256()
     start = time.perf_counter()
     stats = calibrate(
@@ -179,6 +193,71 @@ def calibrate_activations(
     return {group: observer.qparams() for group, observer in observers.items()}, summary
 
 
+def calibration_cache_key(
+    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], options: CalibrationOptions
+) -> calibration_cache.CacheKey:
+    """The cache key of the annotated ``model``: decided before any model run.
+
+    The data fingerprint costs one pass over the feeds (read and hashed, not run); it is the same
+    hash ``calibrate_activations`` reports.
+    """
+    digest = hashlib.sha256()
+    for _ in fingerprint_feeds(feeds, digest):
+        pass
+    return calibration_cache.CacheKey(
+        model=calibration_cache.model_fingerprint(model, group_specs(model)),
+        data=digest.hexdigest(),
+        settings=calibration_cache.observer_settings(options),
+    )
+
+
+def calibration_stage(
+    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
+) -> tuple[dict[str, QParams], CalibrationSummary]:
+    """insert_observers + calibrate on the annotated ``model``, or the ranges from the cache.
+
+    With ``options.calibration.cache``: the key is computed first (after annotation, before any
+    model run); a matching file skips the observation model and the data pass, a file made for
+    another key is refused (UsageError) before any work, an absent one is written after calibrating.
+    """
+    options = runner.options
+    cache_path, cache_key, cached = options.calibration.cache, None, None
+    start = time.perf_counter()
+    if cache_path is not None:
+        cache_key = calibration_cache_key(model, feeds, options.calibration)
+        cached = calibration_cache.read_cache(cache_path, cache_key, group_specs(model))
+    if cached is not None:
+        summary = CalibrationSummary(
+            feeds=cached.feeds,
+            samples=cached.samples,
+            seconds=time.perf_counter() - start,
+            fingerprint=cache_key.data,
+            tensors=len(activation_groups(model)),
+            groups=len(cached.qparams),
+            cache=cache_path,
+            cache_hit=True,
+        )
+        runner.record("calibrate", summary.seconds, model, [f"calibration: from cache {cache_path}"])
+        return cached.qparams, summary
+    key_seconds = time.perf_counter() - start
+    # Observation model: a copy exposing every annotated activation (the annotated IR is kept).
+    observation = runner.run_one(model, "insert_observers", InsertObserversPass()).model
+    activation_qparams, summary = calibrate_activations(
+        model, observation, feeds, show_progress=options.show_progress, total=total, options=options.calibration
+    )
+    del observation
+    detail = [
+        f"{summary.samples} samples in {summary.feeds} batches; {summary.tensors} tensors in "
+        f"{summary.groups} qparams groups; ranges by {options.calibration.method.value}"
+    ]
+    if cache_key is not None:
+        calibration_cache.write_cache(cache_path, cache_key, activation_qparams, feeds=summary.feeds, samples=summary.samples)
+        summary.cache = cache_path
+        detail.append(f"calibration cache written: {cache_path} (its key took {key_seconds:.2f} s: one pass hashing the data)")
+    runner.record("calibrate", summary.seconds, model, detail)
+    return activation_qparams, summary
+
+
 def compile_ir(
     model: ir.Model, calibration_feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
 ) -> tuple[ir.Model, CalibrationSummary]:
@@ -188,18 +267,16 @@ def compile_ir(
     """
     options = runner.options
     model = runner.run(model, cleanup_passes())
+    # Bias correction compares against the cleaned float model (same tensor names and meanings).
+    batches = options.calibration.bias_correction_batches
+    reference = ir.to_proto(model) if batches else None
     model = runner.run(model, [("annotate", AnnotatePass(options.scheme))])
-    # Observation model: a copy exposing every annotated activation (the annotated IR is kept).
-    observation = runner.run_one(model, "insert_observers", InsertObserversPass()).model
-    activation_qparams, summary = calibrate_activations(
-        model, observation, calibration_feeds, show_progress=options.show_progress, total=total
-    )
-    del observation
-    runner.record(
-        "calibrate",
-        summary.seconds,
-        model,
-        [f"{summary.samples} samples in {summary.feeds} batches; {summary.tensors} tensors in {summary.groups} qparams groups"],
-    )
+    # After annotation: observers are per annotated group, and the cache key hashes the annotated model.
+    activation_qparams, summary = calibration_stage(model, calibration_feeds, total, runner)
+    summary.zero_range = tuple(group for group, qparams in activation_qparams.items() if qparams.zero_range)
     model = runner.run(model, finalize_passes(activation_qparams, options))
+    if reference is not None:
+        # After placement: it measures the quantized model as it will run.
+        feeds = list(itertools.islice(iter(calibration_feeds), batches))
+        model = runner.run(model, [("correct_bias", CorrectBiasPass(reference, feeds))])
     return model, summary

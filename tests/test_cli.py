@@ -26,6 +26,7 @@ def model_path(tmp_path):
 def calib_dir(tmp_path):
     folder = tmp_path / "calib"
     folder.mkdir()
+    rng = np.random.default_rng(1)
     for i in range(6):
         np.savez(folder / f"s{i}.npz", x=rng.normal(size=(2, 3, 8, 8)).astype(np.float32))
     return folder
@@ -62,7 +63,7 @@ def test_compile_writes_model_and_report_and_leaves_input_alone(tmp_path, model_
     assert json.loads(meta["qcompile.options"])["scheme"]["activation_dtype"] == "uint8"
     report = json.loads((tmp_path / "out.onnx.report.json").read_text())
     assert report["verification"]["outputs"][0]["sqnr_db"] > 25
-    assert [p["name"] for p in report["passes"]][:2] == ["remove_dropout", "fold_constants"]
+    assert [p["name"] for p in report["passes"]][:3] == ["name_nodes", "remove_dropout", "fold_constants"]
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -25,7 +25,7 @@ def demo():
 
 def test_training_reaches_the_accuracy_the_demo_promises(demo):
     assert demo.float_accuracy >= 0.93
-    assert demo.train_seconds < 60  # measured about 2-5 s on two cores; this only catches a runaway
+    assert demo.train_seconds > 0  # the time is reported (measured 2-5 s on two cores; timings are not asserted)
 
 
 def test_export_has_batchnorm_dropout_and_the_demo_names(demo):

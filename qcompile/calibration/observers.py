@@ -3,11 +3,17 @@
 The contract (``Observer``): ``update(array)`` is called once per calibration batch with that
 batch's values of the tensor (several tensors that share qparams may feed one observer);
 ``qparams()`` is called after the last batch. An observer keeps a bounded state (O(channels) for
-min/max; a fixed-size histogram for the percentile / entropy / MSE methods to come), never the
-arrays, so calibration memory does not grow with the number of batches.
+min/max; a histogram of at most ``bins`` counts for the percentile / entropy / MSE methods), never
+the arrays, so calibration memory does not grow with the number of batches.
 
 MinMax: the range is [min x, max x] over every value seen, exactly; it does not depend on how the
 data was split into batches. ``qparams_from_range`` then widens it to include 0.
+
+Percentile / entropy / MSE: a ``Histogram`` (``calibration/histogram.py``: a power-of-two grid
+anchored at 0, identical whatever the batch split and order) and a range method
+(``calibration/range_methods.py``) that picks the clipping range from it.
+
+``make_observer`` is the one place that maps ``CalibrationOptions.method`` to an observer.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import abc
 
 import numpy as np
 
-from qcompile.errors import InvalidDataError
+from qcompile.calibration import range_methods
+from qcompile.calibration.histogram import Histogram
+from qcompile.errors import InvalidDataError, UsageError
+from qcompile.options import CalibrationMethod, CalibrationOptions
 from qcompile.quant.qparams import QParams, qparams_from_range
 from qcompile.quant.spec import QuantSpec
 
@@ -115,3 +124,74 @@ class PerChannelMinMaxObserver(Observer):
         if self._lo is None or self._hi is None:
             raise self._no_data()
         return qparams_from_range(self._lo, self._hi, self.spec)
+
+
+class HistogramObserver(Observer):
+    """Streams values into a ``Histogram``; a subclass picks the range from it (``choose_range``)."""
+
+    def __init__(self, spec: QuantSpec, name: str = "", *, bins: int = 2048) -> None:
+        if spec.axis is not None:
+            raise ValueError(f"{type(self).__name__} is per tensor; histogram methods have no per-channel form")
+        super().__init__(spec, name)
+        self.histogram = Histogram(bins)
+
+    def update(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if array.size == 0:
+            return
+        lo, hi = np.float64(array.min()), np.float64(array.max())
+        self._check_finite(lo, hi)
+        self.histogram.update(array, (float(lo), float(hi)))
+
+    @abc.abstractmethod
+    def choose_range(self) -> tuple[float, float]:
+        """The clipping range [lo, hi] from the histogram."""
+
+    def qparams(self) -> QParams:
+        if self.histogram.empty:
+            raise self._no_data()
+        lo, hi = self.choose_range()
+        return qparams_from_range(np.float64(lo), np.float64(hi), self.spec)
+
+
+class PercentileObserver(HistogramObserver):
+    """Range at the (100-p)-th and p-th percentiles (of |x| for symmetric specs)."""
+
+    def __init__(self, spec: QuantSpec, name: str = "", *, bins: int = 2048, percentile: float = 99.99) -> None:
+        super().__init__(spec, name, bins=bins)
+        self.percentile = percentile
+
+    def choose_range(self) -> tuple[float, float]:
+        return range_methods.percentile_range(self.histogram.anchored(), self.spec, self.percentile)
+
+
+class EntropyObserver(HistogramObserver):
+    """Range minimizing KL divergence between the float and quantized histograms (TensorRT)."""
+
+    def choose_range(self) -> tuple[float, float]:
+        return range_methods.entropy_range(self.histogram.anchored(), self.spec)
+
+
+class MSEObserver(HistogramObserver):
+    """Range minimizing the expected squared quantization error, clipping included."""
+
+    def choose_range(self) -> tuple[float, float]:
+        return range_methods.mse_range(self.histogram.anchored(), self.spec)
+
+
+def make_observer(spec: QuantSpec, options: CalibrationOptions, name: str = "") -> Observer:
+    """The observer for ``options.method`` (per channel: min/max only)."""
+    method = options.method
+    if spec.axis is not None:
+        if method != CalibrationMethod.MINMAX:
+            raise UsageError(f"calibration method {method.value} is per tensor; tensor {name!r} is per channel")
+        return PerChannelMinMaxObserver(spec, name)
+    if method == CalibrationMethod.MINMAX:
+        return MinMaxObserver(spec, name)
+    if method == CalibrationMethod.PERCENTILE:
+        return PercentileObserver(spec, name, bins=options.bins, percentile=options.percentile)
+    if method == CalibrationMethod.ENTROPY:
+        return EntropyObserver(spec, name, bins=options.bins)
+    if method == CalibrationMethod.MSE:
+        return MSEObserver(spec, name, bins=options.bins)
+    raise AssertionError(f"unhandled calibration method {method}")

@@ -2,8 +2,10 @@
 
 from qcompile.passes.annotate import AnnotatePass
 from qcompile.passes.assign_qparams import AssignQParamsPass
+from qcompile.passes.correct_bias import CorrectBiasPass
 from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
 from qcompile.passes.derive_bias import DeriveBiasPass
+from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
@@ -13,8 +15,10 @@ from qcompile.passes.remove_dropout import RemoveDropoutPass
 __all__ = [
     "AnnotatePass",
     "AssignQParamsPass",
+    "CorrectBiasPass",
     "DecomposeBatchNormPass",
     "DeriveBiasPass",
+    "EliminateIdentityPass",
     "FoldBatchNormPass",
     "InsertObserversPass",
     "PlaceQDQPass",

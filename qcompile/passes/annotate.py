@@ -9,7 +9,9 @@ Rules (from ``op_rules``), applied in topological order:
    symmetric int8 spec (per output channel by default), constant operands of Add/Mul a per-tensor
    spec of the activation type, and a constant 1-D bias a derived int32 spec.
 3. SHARED (data movement) and FUSABLE_ACTIVATION (Relu, Clip) nodes are quantized only when their
-   input is; CONCAT when any input is.
+   input is; CONCAT when any input is. ELEMENTWISE, SHARED and FUSABLE_ACTIVATION nodes are
+   quantized only when some consumer runs in int8 (decided from the outputs back): otherwise
+   quantizing them would only add a Q/DQ pair before float ops.
 4. A quantized node's output is quantized, except (a) when its only consumer is a Relu/Clip that
    will be quantized (the activation's output carries the qparams: not between Conv and Relu), and
    (b) for ops whose int8 kernel can return float (Gemm, MatMul) when no consumer is quantized.
@@ -43,6 +45,7 @@ from qcompile.quant.spec import (
 )
 
 _DIRECT_KINDS = (OpKind.COMPUTE, OpKind.ELEMENTWISE, OpKind.UNARY)
+ONLY_FLOAT_CONSUMERS = "its output feeds only float ops: quantizing it would only add Q/DQ work"
 
 
 
@@ -105,17 +108,36 @@ class AnnotatePass(ir.passes.InPlacePass):
         if data is None or data.dtype != ir.DataType.FLOAT:
             dtype = None if data is None else data.dtype
             return f"its data input is {dtype}, not float32"
+        for value in node.inputs:  # e.g. a -inf attention mask; NaN weights in a damaged file
+            array = constant_array(value)
+            if array is not None and array.dtype.kind == "f" and not np.isfinite(array).all():
+                return f"its constant input {value.name!r} holds NaN or Inf, which int8 cannot represent"
         return None
 
-    def _could_quantize_directly(self, node: ir.Node) -> bool:
-        rule = rule_for(node.op_type, node.domain)
-        return (
-            rule is not None
-            and rule.kind in (*_DIRECT_KINDS, OpKind.CONCAT, OpKind.FUSABLE_ACTIVATION)
-            and self._static_reason(node) is None
-        )
+    def _wanted(self, graph: ir.Graph) -> dict[ir.Node, bool]:
+        """Whether each node will run in int8, decided from its consumers back (rule 3).
 
-    def _quantize_output(self, rule: OpRule, value: ir.Value) -> bool:
+        Ops with their own int8 kernel (COMPUTE, UNARY, CONCAT) are wanted whenever they can be
+        quantized. Add/Mul, data movement and Relu/Clip are wanted only when some consumer is: an
+        int8 op whose output only feeds float ops (a residual Add before LayerNormalization, the bias
+        Add after a MatMul) would add a QuantizeLinear/DequantizeLinear pair and rounding for nothing.
+        """
+        wanted: dict[ir.Node, bool] = {}
+        for node in reversed(list(graph)):
+            rule = rule_for(node.op_type, node.domain)
+            if rule is None or self._static_reason(node) is not None:
+                wanted[node] = False
+            elif rule.kind in (OpKind.COMPUTE, OpKind.UNARY, OpKind.CONCAT) or _is_table_lookup(node):
+                wanted[node] = True
+            elif rule.kind == OpKind.ELEMENTWISE and _constant_after_float_output(node):
+                # A bias Add / scale Mul on a MatMul's output: onnxruntime's MatMulIntegerToFloat
+                # returns float, and the float Add/Mul after it is cheaper and exact.
+                wanted[node] = False
+            else:
+                wanted[node] = any(wanted.get(use.node, False) for out in node.outputs for use in out.uses())
+        return wanted
+
+    def _quantize_output(self, rule: OpRule, value: ir.Value, wanted: dict[ir.Node, bool]) -> bool:
         consumers = [use.node for use in value.uses()]
         if not consumers and not value.is_graph_output():
             return False
@@ -124,10 +146,10 @@ class AnnotatePass(ir.passes.InPlacePass):
             and not value.is_graph_output()
             and rule_for(consumers[0].op_type, consumers[0].domain) is not None
             and rule_for(consumers[0].op_type, consumers[0].domain).kind == OpKind.FUSABLE_ACTIVATION
-            and self._static_reason(consumers[0]) is None
+            and wanted.get(consumers[0], False)
         ):
             return False
-        if rule.float_output_ok and not any(self._could_quantize_directly(c) for c in consumers):
+        if rule.float_output_ok and not any(wanted.get(c, False) for c in consumers):
             return False
         return True
 
@@ -147,13 +169,16 @@ class AnnotatePass(ir.passes.InPlacePass):
             values_by_name[value.name] = value
             groups.add(value.name)
 
+        wanted = self._wanted(graph)
         for node in graph:
             reason = self._static_reason(node)
             rule = rule_for(node.op_type, node.domain)
             quantized = False
-            if reason is None:
+            if reason is None and not wanted[node]:
+                reason = ONLY_FLOAT_CONSUMERS
+            elif reason is None:
                 assert rule is not None
-                if rule.kind in _DIRECT_KINDS:
+                if rule.kind in _DIRECT_KINDS or _is_table_lookup(node):
                     quantized = True
                 elif rule.kind == OpKind.CONCAT and any(constant_array(v) is not None for v in node.inputs):
                     reason = "a constant Concat input cannot share the calibrated scale"
@@ -175,7 +200,12 @@ class AnnotatePass(ir.passes.InPlacePass):
             self._annotate_inputs(node, rule, mark_activation, weights, constants, biases)
 
             # Outputs.
-            if rule.kind == OpKind.SHARED:
+            if _is_table_lookup(node):
+                table, out = node.inputs[0], node.outputs[0]
+                constants[table.name] = table
+                mark_activation(out)
+                groups.union(table.name, out.name)  # the table's name is the group's name
+            elif rule.kind in (OpKind.SHARED, OpKind.LOOKUP):
                 source = node.inputs[0]
                 for out in node.outputs:
                     if out.dtype == ir.DataType.FLOAT:
@@ -189,7 +219,7 @@ class AnnotatePass(ir.passes.InPlacePass):
                         groups.union(out.name, v.name)
             else:
                 for out in node.outputs:
-                    if out.dtype == ir.DataType.FLOAT and self._quantize_output(rule, out):
+                    if out.dtype == ir.DataType.FLOAT and self._quantize_output(rule, out, wanted):
                         mark_activation(out)
 
         # A constant that is an operand of an Add in one place and a weight in another is a weight.
@@ -209,8 +239,9 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def _annotate_inputs(self, node, rule, mark_activation, weights, constants, biases) -> ir.Value | None:
         inputs = list(node.inputs)
-        if rule.kind == OpKind.FUSABLE_ACTIVATION:
-            # Its input is either fused (the producer's output stays unquantized) or already marked.
+        if rule.kind == OpKind.FUSABLE_ACTIVATION or _is_table_lookup(node):
+            # Its input is either fused (the producer's output stays unquantized) or already marked;
+            # a lookup's table is annotated with its output.
             return None
         activation_indices = range(len(inputs)) if rule.kind == OpKind.CONCAT else rule.activation_inputs
         weight_value = None
@@ -269,6 +300,29 @@ class AnnotatePass(ir.passes.InPlacePass):
         biases[bias.name] = (bias, BiasAnnotation(input=activation.name, weight=weight_value.name, node=node.name or node.op_type))
 
 
+def _constant_after_float_output(node: ir.Node) -> bool:
+    """Add/Mul of a constant and the output of an op whose int8 kernel can return float (MatMul, Gemm)."""
+    constants = [v for v in node.inputs if v is not None and constant_array(v) is not None]
+    others = [v for v in node.inputs if v is not None and constant_array(v) is None]
+    if len(constants) != 1 or len(others) != 1 or others[0].producer() is None:
+        return False
+    producer = others[0].producer()
+    rule = rule_for(producer.op_type, producer.domain)
+    return rule is not None and rule.float_output_ok
+
+
+def _is_table_lookup(node: ir.Node) -> bool:
+    """A Gather from a constant float table (an embedding lookup)."""
+    return (
+        node.op_type == "Gather"
+        and node.domain in ("", "ai.onnx")
+        and bool(node.inputs)
+        and node.inputs[0] is not None
+        and node.inputs[0].dtype == ir.DataType.FLOAT
+        and constant_array(node.inputs[0]) is not None
+    )
+
+
 def _from_quantized_node(value: ir.Value) -> bool:
     """The value is produced by a node already decided quantized (e.g. a Conv before its Relu)."""
     producer = value.producer()
@@ -299,3 +353,10 @@ def decision_summary(model: ir.Model) -> tuple[dict[str, int], list[tuple[str, s
         else:
             left_float.append((node.name or "", node.op_type, decision.reason))
     return quantized, left_float
+
+
+def quantized_node_names(model: ir.Model) -> frozenset[str]:
+    """Names of the nodes annotation decided to run in int8."""
+    return frozenset(
+        node.name for node in model.graph if (d := node.meta.get(DECISION_KEY)) is not None and d.quantized and node.name
+    )

@@ -1,8 +1,8 @@
 """AssignQParamsPass: turn annotations into numbers.
 
 - Activations take the qparams calibrated for their group (given to the pass).
-- Weights: symmetric int8 from their own values, per output channel (max |w| over the other axes)
-  or per tensor.
+- Weights: symmetric int8 from their own values, per output channel or per tensor: max |w|
+  (``weight_method`` minmax) or the MSE-optimal fraction of it (mse; ``quant/weight_range.py``).
 - Constant operands (Add/Mul): per tensor, the activation type, from their own min/max.
 
 Biases are derived later (``DeriveBiasPass``), once weight scales are final.
@@ -17,7 +17,9 @@ import onnx_ir as ir
 
 from qcompile.errors import InternalError
 from qcompile.graph.queries import constant_array
+from qcompile.options import WeightMethod
 from qcompile.quant.qparams import QParams, qparams_from_range
+from qcompile.quant.weight_range import minmax_weight_range, mse_weight_range
 from qcompile.quant.spec import (
     ANNOTATION_KEY,
     QPARAMS_KEY,
@@ -27,37 +29,42 @@ from qcompile.quant.spec import (
 )
 
 
-def _range_of(data: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    data = data.astype(np.float64)
-    if axis is None:
-        return np.asarray(data.min()), np.asarray(data.max())
-    reduce_axes = tuple(i for i in range(data.ndim) if i != axis)
-    return data.min(axis=reduce_axes), data.max(axis=reduce_axes)
-
-
 class AssignQParamsPass(ir.passes.InPlacePass):
-    def __init__(self, activation_qparams: Mapping[str, QParams]) -> None:
+    def __init__(
+        self, activation_qparams: Mapping[str, QParams], weight_method: WeightMethod = WeightMethod.MINMAX
+    ) -> None:
         super().__init__()
         self.activation_qparams = activation_qparams
+        self.weight_method = WeightMethod(weight_method)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         graph = model.graph
         values = list(graph.inputs) + list(graph.initializers.values())
         values += [out for node in graph for out in node.outputs]
+        # Constants first: a table lookup's output (Gather of a constant) shares its table's qparams,
+        # so that onnxruntime gathers int8 rows and dequantizes only those.
+        values.sort(key=lambda v: not isinstance(v.meta.get(ANNOTATION_KEY), (WeightAnnotation, ConstantAnnotation)))
+        by_name = {v.name: v for v in values}
         for value in values:
             annotation = value.meta.get(ANNOTATION_KEY)
             if annotation is None:
                 continue
             if isinstance(annotation, ActivationAnnotation):
+                table = by_name.get(annotation.group)
                 qparams = self.activation_qparams.get(annotation.group)
+                if table is not None and isinstance(table.meta.get(ANNOTATION_KEY), ConstantAnnotation):
+                    qparams = table.meta[QPARAMS_KEY]
                 if qparams is None:
                     raise InternalError(f"no calibrated qparams for tensor {value.name!r} (group {annotation.group!r})")
             elif isinstance(annotation, (WeightAnnotation, ConstantAnnotation)):
                 data = constant_array(value)
                 if data is None:
                     raise InternalError(f"annotated constant {value.name!r} has no data")
-                lo, hi = _range_of(data, annotation.spec.axis)
+                if isinstance(annotation, WeightAnnotation) and self.weight_method == WeightMethod.MSE:
+                    lo, hi = mse_weight_range(data, annotation.spec)
+                else:
+                    lo, hi = minmax_weight_range(data, annotation.spec.axis)
                 qparams = qparams_from_range(lo, hi, annotation.spec)
             else:
                 continue  # biases: DeriveBiasPass

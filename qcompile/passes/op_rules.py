@@ -13,6 +13,9 @@ output-channel axis), which is the bias, and how the op's output relates to its 
 - ``SHARED``: data movement (Reshape, Transpose, MaxPool, Resize, ...): quantized only when their
   input is, and their outputs share the input's qparams so the Q/DQ pair around them cancels.
 - ``CONCAT``: all inputs and the output share one set of qparams.
+- ``LOOKUP``: Gather. From a constant table (an embedding), the table is stored in the activation
+  type, per tensor, and the output shares its qparams (onnxruntime then gathers int8 rows and
+  dequantizes only those); always done, for size. From activations, it is data movement (SHARED).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class OpKind(str, enum.Enum):
     FUSABLE_ACTIVATION = "fusable_activation"
     SHARED = "shared"
     CONCAT = "concat"
+    LOOKUP = "lookup"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ _RULES = (
     OpRule("Unsqueeze", OpKind.SHARED),
     OpRule("Slice", OpKind.SHARED),
     OpRule("Split", OpKind.SHARED),
+    OpRule("Gather", OpKind.LOOKUP),
 )
 
 OP_RULES: dict[str, OpRule] = {rule.op_type: rule for rule in _RULES}

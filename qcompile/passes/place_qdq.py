@@ -93,7 +93,9 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         out.dtype, out.shape = ir.DataType.FLOAT, value.shape
         first_use = min((graph.index(u.node) for u in value.uses()), default=0)
         graph.insert_before(graph.node(first_use), dq)
-        value.replace_all_uses_with(out)
+        # Node inputs only: a constant that is also a graph output stays float there.
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, out)
         if value.is_initializer() and not value.uses() and not value.is_graph_output():
             graph.initializers.pop(value.name)
         value.meta.pop(QPARAMS_KEY)

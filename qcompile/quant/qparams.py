@@ -19,6 +19,10 @@ from qcompile.quant.spec import QuantDType, QuantSpec
 
 # Ranges narrower than this are widened: a zero scale would divide by zero in QuantizeLinear.
 _MIN_SCALE = np.float32(1e-8)
+# The scale of an empty range (every value seen was 0), as onnxruntime's quantizer chooses: 0 stays
+# exact, and int8 kernels that bound the ratio of input to output scale (QLinearGlobalAveragePool
+# refuses x_scale / (y_scale * pixels) >= 256) accept it, which the floor above would not be.
+ZERO_RANGE_SCALE = np.float32(1.0)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class QParams:
     scale: np.ndarray  # float32, shape () or (channels,)
     zero_point: np.ndarray  # dtype of the quantized tensor, same shape as scale
     spec: QuantSpec
+    # Every value seen was 0 (on every channel): the scale is ZERO_RANGE_SCALE. For the report.
+    zero_range: bool = False
 
     def __post_init__(self) -> None:
         if self.scale.shape != self.zero_point.shape:
@@ -52,19 +58,21 @@ def qparams_from_range(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> QPara
     """Scale and zero point covering [lo, hi] (elementwise for per-channel ranges)."""
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    empty = hi - lo == 0.0
     dt = spec.dtype
     if spec.symmetric:
         # Restricted range: [-127, 127] for int8; the int32 bias uses its own derivation.
         qmax = dt.qmax
         absmax = np.maximum(np.abs(lo), np.abs(hi))
-        scale = np.maximum(absmax / qmax, _MIN_SCALE).astype(np.float32)
+        scale = np.maximum(absmax / qmax, _MIN_SCALE)
+        scale = np.where(empty, ZERO_RANGE_SCALE, scale).astype(np.float32)
         zero_point = np.zeros(scale.shape, dtype=dt.numpy)
     else:
         span = np.maximum(hi - lo, _MIN_SCALE * (dt.qmax - dt.qmin))
-        scale = (span / (dt.qmax - dt.qmin)).astype(np.float32)
+        scale = np.where(empty, ZERO_RANGE_SCALE, span / (dt.qmax - dt.qmin)).astype(np.float32)
         zp = np.round(dt.qmin - lo / scale.astype(np.float64))
         zero_point = np.clip(zp, dt.qmin, dt.qmax).astype(dt.numpy)
-    return QParams(scale=scale, zero_point=zero_point, spec=spec)
+    return QParams(scale=scale, zero_point=zero_point, spec=spec, zero_range=bool(np.all(empty)))
 
 
 def _broadcast_shape(qp: QParams, ndim: int) -> tuple[int, ...]:

@@ -98,12 +98,15 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "cpu") -> onnx.Model
 
 
 def check_fusion(
-    model: onnx.ModelProto, provider: str = "cpu", float_by_decision: frozenset[str] = frozenset()
+    model: onnx.ModelProto, provider: str = "cpu", quantized_by_decision: frozenset[str] | None = None
 ) -> FusionReport:
     """Classify what is left of the Q/DQ nodes after onnxruntime's optimizations.
 
-    ``float_by_decision``: names of nodes the compiler left float on purpose; one of those between
-    a DequantizeLinear and a QuantizeLinear is a boundary, not a fusion failure.
+    ``quantized_by_decision``: names of the nodes the compiler quantized. An op between a
+    DequantizeLinear and a QuantizeLinear is a fusion failure only when it is one of those; any
+    other (a node left float on purpose, or a float node onnxruntime made by fusing float ops, such
+    as SkipLayerNormalization from Add + LayerNormalization) is a float↔int boundary. Without the
+    set, every op between them counts as unfused.
     """
     graph = optimized_graph(model, provider).graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -119,9 +122,11 @@ def check_fusion(
             continue
         reads_dq = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input)
         feeds_q = any(c.op_type == "QuantizeLinear" for o in node.output for c in consumers.get(o, []))
-        if reads_dq and feeds_q and node.name in float_by_decision:
+        if not (reads_dq and feeds_q):
+            continue
+        if quantized_by_decision is not None and node.name not in quantized_by_decision:
             float_between[node.op_type] += 1
-        elif reads_dq and feeds_q:
+        else:
             unfused[node.op_type] += 1
             unfused_names.append(node.name)
     ops = Counter(n.op_type for n in graph.node)

@@ -29,7 +29,9 @@ g (float[N,3,8,8] x) => (float[N,10] y) {
 }"""
 
 
-def conv_relu_pool_gemm():
+def conv_relu_pool_gemm(seed: int = 0):
+    """The same weights whatever ran before (tests in other modules build it too)."""
+    rng = np.random.default_rng(seed)
     return parse_model(
         CONV_RELU_POOL_GEMM,
         dict(
@@ -117,19 +119,48 @@ def test_keep_float_by_name_pattern_and_op_type():
 def test_concat_inputs_share_one_group_and_constant_operand():
     model = parse_model(
         """<ir_version: 8, opset_import: ["" : 17]>
-        g (float[1,4,8,8] x) => (float[1,8,8,8] y) {
+        g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
           a = Conv (x, w1)
           b = Sigmoid(x)
           c = Concat <axis=1> (a, b)
-          y = Add(c, k)
+          s = Add(c, k)
+          y = Conv (s, w2)
         }""",
-        dict(w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), k=rng.normal(size=(1, 8, 1, 1)).astype(np.float32)),
+        dict(
+            w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), k=rng.normal(size=(1, 8, 1, 1)).astype(np.float32),
+            w2=rng.normal(size=(4, 8, 1, 1)).astype(np.float32),
+        ),
     )
     ann, decisions = annotate(model)
     assert decisions["Concat"].quantized
     assert ann["a"].group == ann["b"].group == ann["c"].group
     assert isinstance(ann["k"], ConstantAnnotation)
-    assert isinstance(ann["y"], ActivationAnnotation)
+    assert isinstance(ann["s"], ActivationAnnotation)
+
+
+def test_elementwise_and_data_movement_feeding_only_float_ops_stay_float():
+    """A residual Add before LayerNormalization, a bias Add after a MatMul: no int8 consumer, no Q/DQ."""
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,6,16] x) => (float[1,6,16] y) {
+          m = MatMul(x, w)
+          a = Add(m, bias)
+          r = Reshape(a, shape)
+          s = Add(r, x)
+          y = LayerNormalization <axis=-1> (s, gamma, beta)
+        }""",
+        dict(
+            w=rng.normal(size=(16, 16)).astype(np.float32), bias=rng.normal(size=16).astype(np.float32),
+            shape=np.array([1, 6, 16], np.int64), gamma=np.ones(16, np.float32), beta=np.zeros(16, np.float32),
+        ),
+    )
+    ann, decisions = annotate(model)
+    assert decisions["MatMul"].quantized
+    assert not decisions["Add"].quantized and "feeds only float ops" in decisions["Add"].reason
+    assert not decisions["Reshape"].quantized
+    # The MatMul's int8 kernel returns float to its float bias Add (MatMulIntegerToFloat).
+    assert ann["m"] is None and ann["a"] is None and ann["s"] is None
+    assert isinstance(ann["x"], ActivationAnnotation)
 
 
 @pytest.mark.parametrize("group, expected_axis", [(1, 1), (2, None)])

@@ -91,13 +91,17 @@ def test_graph_output_keeps_its_name_when_quantized():
 
 def test_add_with_constant_and_concat_share_scale():
     text = """<ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,4,5,5] x) => (float[N,8,5,5] y) {
+    g (float[N,4,5,5] x) => (float[N,4,5,5] y) {
       a = Conv (x, w1)
       b = Sigmoid(x)
       c = Concat <axis=1> (a, b)
-      y = Add(c, k)
+      s = Add(c, k)
+      y = Conv (s, w2)
     }"""
-    inits = dict(w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), k=rng.normal(size=(1, 8, 1, 1)).astype(np.float32))
+    inits = dict(
+        w1=rng.normal(size=(4, 4, 1, 1)).astype(np.float32), k=rng.normal(size=(1, 8, 1, 1)).astype(np.float32),
+        w2=rng.normal(size=(4, 8, 1, 1)).astype(np.float32),
+    )
     model = quantize(parse_model(text, inits), _feeds(shape=(2, 4, 5, 5)))
     q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
     by_tensor = {n.inputs[0].name: n for n in q_nodes}
@@ -124,3 +128,51 @@ def test_matmul_with_activation_operands_and_weight():
     assert len(dq_weights) == 2 and all(n.attributes["axis"].value == 1 for n in dq_weights)
     x = _feeds(1, (4, 6, 16))[0]
     assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 25
+
+
+def test_embedding_table_is_stored_in_int8_and_the_lookup_shares_its_qparams():
+    from qcompile.verify.fusion import check_fusion
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[N,5] ids) => (float[N,5,8] y) {
+      e = Gather (table, ids)
+      y = MatMul(e, w)
+    }"""
+    local = np.random.default_rng(3)
+    inits = dict(table=local.normal(size=(50, 16)).astype(np.float32), w=local.normal(size=(16, 8)).astype(np.float32))
+    feeds = [{"ids": local.integers(0, 50, size=(2, 5)).astype(np.int64)} for _ in range(4)]
+    model = quantize(parse_model(text, inits), feeds)
+    tables = [v for v in model.graph.initializers.values() if v.shape is not None and v.shape.dims == (50, 16)]
+    assert len(tables) == 1 and tables[0].dtype == ir.DataType.UINT8
+    dq_table = next(u.node for u in tables[0].uses())
+    q_out = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "e")
+    for i in (1, 2):  # the same scale and zero point values
+        np.testing.assert_array_equal(dq_table.inputs[i].const_value.numpy(), q_out.inputs[i].const_value.numpy())
+    x = {"ids": local.integers(0, 50, size=(3, 5)).astype(np.int64)}
+    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 30
+    report = check_fusion(to_proto(model))
+    assert report.fused and report.dequantize_nodes <= 2  # the gathered rows are dequantized, not the table
+
+
+def test_bias_add_after_matmul_stays_float_for_the_float_output_kernel():
+    from qcompile.verify.fusion import check_fusion
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,6,16] x) => (float[N,6,8] y) {
+      m = MatMul(x, w1)
+      a = Add(m, b1)
+      y = MatMul(a, w2)
+    }"""
+    local = np.random.default_rng(4)
+    inits = dict(
+        w1=local.normal(size=(16, 16)).astype(np.float32), b1=local.normal(size=16).astype(np.float32),
+        w2=local.normal(size=(16, 8)).astype(np.float32),
+    )
+    feeds = [{"x": local.normal(size=(2, 6, 16)).astype(np.float32)} for _ in range(4)]
+    model = quantize(parse_model(text, inits), feeds)
+    ops = count_ops(model)
+    assert ops["QuantizeLinear"] == 2  # x and a: the MatMul output m is not rounded
+    report = check_fusion(to_proto(model))
+    assert report.fused and report.kernels.get("MatMulIntegerToFloat", 0) >= 1
+    x = {"x": local.normal(size=(3, 6, 16)).astype(np.float32)}
+    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 30

@@ -45,11 +45,13 @@ def _dq_erf_q() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_an_op_without_int8_kernel_between_dq_and_q_is_unfused_unless_float_by_decision():
+def test_an_op_without_int8_kernel_between_dq_and_q_is_unfused_only_if_quantized_by_decision():
     report = check_fusion(_dq_erf_q())
     assert not report.fused and report.unfused_ops == {"Erf": 1} and report.unfused_nodes == ("the_erf",)
     assert "NOT FUSED" in report.summary()
-    report = check_fusion(_dq_erf_q(), float_by_decision=frozenset({"the_erf"}))
+    report = check_fusion(_dq_erf_q(), quantized_by_decision=frozenset({"the_erf"}))
+    assert not report.fused and report.unfused_ops == {"Erf": 1}
+    report = check_fusion(_dq_erf_q(), quantized_by_decision=frozenset({"something_else"}))
     assert report.fused and report.float_between == {"Erf": 1}
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: qcompile beside onnxruntime's quantizer and NNCF (``python benchmarks/run.py``)."""

@@ -1,0 +1,85 @@
+"""The configurations compared on every case: float, qcompile's, and the peers a user would pick instead.
+
+A configuration names a tool and its parameters (plain JSON, handed to ``benchmarks.worker`` in a
+child process). What each peer configuration is, in the peers' own terms:
+
+- ``ort_*``: onnxruntime's ``quantize_static`` in QDQ format, per-channel weights, int8 weights
+  with ``WeightSymmetric``, after ``quant_pre_process`` (retried with ``skip_symbolic_shape=True``
+  when symbolic shape inference fails). ``u8``/``s8``: uint8 or int8 activations (int8 is its
+  default and the slow path on x86). ``minmax``/``percentile``/``entropy``: its calibrate_method.
+  ``_padded``: calibrated on the samples padded to one length (for calibrators that stack them).
+- ``ort_dynamic``: ``quantize_dynamic`` with its defaults (int8 weights, per tensor), after the same
+  pre-processing.
+- ``nncf``: ``nncf.quantize`` on the ONNX model with its default preset; ``nncf_transformer`` with
+  ``model_type=TRANSFORMER`` (for transformer cases only).
+
+qcompile's rows: its default (uint8 activations, per-channel int8 weights), ``activation_dtype=int8``,
+``weight_granularity=per_tensor``, and for transformers ``keep_float=("Add",)``.
+
+Percentile and Entropy run with uint8 activations only: the calibration method changes the ranges,
+the activation type changes the kernels, and uint8 is the type a user on x86 picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from typing import Any
+
+from benchmarks.cases import Case
+
+BENCH_EXTRA = "not installed: pip install -e '.[bench]'"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    tool: str  # "float", "qcompile", "ort_static", "ort_dynamic", "nncf"
+    # For qcompile: CompileOptions fields by concern, {"scheme": {...}, "calibration": {...}}.
+    params: dict[str, Any] = field(default_factory=dict)
+    # Python package the tool needs (None: a core dependency of qcompile).
+    requires: str | None = None
+
+    @property
+    def is_qcompile(self) -> bool:
+        return self.tool == "qcompile"
+
+
+def configurations(case: Case, *, quick: bool = False) -> list[Config]:
+    """Every configuration for ``case``, float first.
+
+    ``quick`` keeps one configuration per peer tool beside qcompile's (no int8-activation,
+    Percentile, Entropy or dynamic rows): a smoke test of every code path, not a comparison.
+    """
+    transformer = case.nncf_model_type == "transformer"
+    configs = [
+        Config("float", "float"),
+        Config("qcompile", "qcompile"),
+        Config("qcompile_act_int8", "qcompile", {"scheme": {"activation_dtype": "int8"}}),
+        Config("qcompile_per_tensor", "qcompile", {"scheme": {"weight_granularity": "per_tensor"}}),
+    ]
+    if transformer:
+        # Residual and bias Adds carry BERT's outlier channels; keeping them float is the user's lever.
+        configs.append(Config("qcompile_keep_float_add", "qcompile", {"scheme": {"keep_float": ["Add"]}}))
+    configs.append(Config("ort_u8_minmax", "ort_static", {"activation_type": "uint8", "method": "minmax"}))
+    if not quick:
+        configs.append(Config("ort_s8_minmax", "ort_static", {"activation_type": "int8", "method": "minmax"}))
+        for method in ("percentile", "entropy"):
+            configs.append(Config(f"ort_u8_{method}", "ort_static", {"activation_type": "uint8", "method": method}))
+        if case.padded_calibration is not None:
+            for method in ("percentile", "entropy"):
+                configs.append(
+                    Config(f"ort_u8_{method}_padded", "ort_static", {"activation_type": "uint8", "method": method, "padded": True})
+                )
+        configs.append(Config("ort_dynamic", "ort_dynamic"))
+    configs.append(Config("nncf", "nncf", {"model_type": None}, requires="nncf"))
+    if case.nncf_model_type is not None:
+        configs.append(Config(f"nncf_{case.nncf_model_type}", "nncf", {"model_type": case.nncf_model_type}, requires="nncf"))
+    return configs
+
+
+def missing_requirement(config: Config) -> str | None:
+    """Why ``config`` cannot run here (its package is not installed), or None."""
+    if config.requires is not None and find_spec(config.requires) is None:
+        return BENCH_EXTRA
+    return None

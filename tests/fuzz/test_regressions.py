@@ -1,0 +1,249 @@
+"""Failures the fuzzers found, each reduced to a minimal reproduction that now passes.
+
+From the graph fuzzer (test_fuzz_graphs.py):
+1. A Dropout between two graph outputs (``b = BN(c)``, ``d = Dropout(b)``, both outputs): onnx-ir's
+   identity elimination merged the two outputs into one name, the model lost output ``b``.
+1a. A GlobalAveragePool whose output was 0 on every calibration sample (a zero mean) got the scale
+   floor 1e-8; onnxruntime's QLinearGlobalAveragePool refuses x_scale / (y_scale · pixels) ≥ 256, so
+   the compiled model did not run. A zero range now gets scale 1 (as onnxruntime's quantizer does).
+   OPEN: the same with a tiny but nonzero output range (expected failure below, reported).
+1b. Not a compiler fault but the fuzz bound's: an output that is a small difference of large terms
+   (a Gemm summing terms of both signs to about 0) has 5 dB SQNR under int8, qcompile's and
+   onnxruntime's quantizer alike; such outputs now get onnxruntime's quantizer as a second opinion.
+
+From the byte corruption fuzzer (test_corruption.py):
+2. A name that is not UTF-8, quoted by onnx's checker: a UnicodeDecodeError escaped load_model.
+3. A node name that is not UTF-8 but that the checker accepts: the model loaded, then onnx-ir's
+   serializer failed inside compile (an internal error).
+4. A NaN in a weight (a flipped exponent bit): qparams_from_range raised a bare ValueError.
+5. An initializer that is also a graph output: PlaceQDQPass raised onnx-ir's ValueError.
+6. An input whose element type is UNDEFINED (a flipped bit; onnx's checker accepts it):
+   input_specs raised a TypeError.
+7. A tensor whose dims no longer match its data: onnx-ir raised a reshape ValueError in a pass.
+
+From the external-data tests (tests/graph/test_external_data.py, which hold their regressions):
+8. A location with a NUL byte, 9. a symlink loop (ValueError / RuntimeError from Path.resolve), and
+10. a symlink inside the folder (onnx's ValidationError) escaped load_model.
+"""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+
+import qcompile
+from qcompile.cli import main
+from qcompile.errors import InvalidModelError
+from qcompile.graph.io import load_model
+from qcompile.options import SchemeOptions
+from qcompile.passes import EliminateIdentityPass
+from tests.fuzz.graphs import FuzzModel
+from tests.fuzz.test_fuzz_graphs import check_compiles_and_stays_close
+from tests.helpers import parse_model, run, sqnr_db, to_proto
+
+rng = np.random.default_rng(0)
+
+
+def _feeds(shape, n=6):
+    return [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def _quiet():
+    return qcompile.CompileOptions(show_progress=False)
+
+
+# ---- 1. Identity between two graph outputs -------------------------------------------------------
+
+TWO_OUTPUTS_AROUND_DROPOUT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,2,3,3] x) => (float[N,2,3,3] c, float[N,2,3,3] b, float[N,2,3,3] d) {
+  c = Conv (x, w)
+  b = BatchNormalization (c, s, o, m, v)
+  d = Dropout (b)
+}"""
+
+
+def test_dropout_between_two_graph_outputs_keeps_both_outputs():
+    model = parse_model(TWO_OUTPUTS_AROUND_DROPOUT, dict(
+        w=rng.normal(size=(2, 2, 1, 1)).astype(np.float32), s=np.ones(2, np.float32), o=np.zeros(2, np.float32),
+        m=np.zeros(2, np.float32), v=np.ones(2, np.float32),
+    ))
+    feeds = _feeds((2, 2, 3, 3))
+    result = qcompile.compile_model(to_proto(model), feeds, _quiet(), verify_data=feeds)
+    assert [o.name for o in result.model.graph.output] == ["c", "b", "d"]
+    for ref, got in zip(run(model, feeds[0]), run(result.model, feeds[0])):
+        assert sqnr_db(ref, got) > 25
+
+
+def test_identity_elimination_keeps_an_identity_between_two_outputs_and_removes_others():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,2] x) => (float[N,2] b, float[N,2] d) {
+      a = Relu (x)
+      a2 = Identity (a)
+      b = Sigmoid (a2)
+      d = Identity (b)
+    }""")
+    assert EliminateIdentityPass()(model).modified  # a2 goes: this also checks onnx-ir's hook is called
+    assert [n.op_type for n in model.graph] == ["Relu", "Sigmoid", "Identity"]
+    assert [o.name for o in model.graph.outputs] == ["b", "d"]
+
+
+# ---- 1a. a global average pool whose output range is (nearly) empty ---------------------------------
+
+GLOBAL_POOL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,2,4,4] x) => (float[N,2,1,1] p) { p = GlobalAveragePool (x) }"""
+
+
+def _zero_mean_feeds(offset: float):
+    """Integer data whose every channel sums to exactly 0, then one value moved by ±offset."""
+    feeds = []
+    for _ in range(4):
+        x = rng.integers(-8, 9, size=(2, 2, 4, 4)).astype(np.float32)
+        x[..., 0, 0] -= x.sum(axis=(2, 3))
+        x[..., 1, 1] += offset * rng.choice([-1, 1], size=(2, 2))
+        feeds.append({"x": x})
+    return feeds
+
+
+def test_global_pool_with_a_zero_output_range_runs_and_is_reported():
+    feeds = _zero_mean_feeds(0.0)
+    result = qcompile.compile_model(onnx.parser.parse_model(GLOBAL_POOL), feeds, _quiet(), verify_data=feeds)
+    assert any("zero range" in w and "'p'" in w for w in result.report.warnings)
+    np.testing.assert_array_equal(run(result.model, feeds[0])[0], 0.0)
+
+
+@pytest.mark.xfail(strict=True, reason="open finding: output qparams ignore QLinearGlobalAveragePool's "
+                   "x_scale / (y_scale * pixels) < 256 bound; onnxruntime refuses to run the model")
+def test_global_pool_with_a_tiny_output_range_runs():
+    feeds = _zero_mean_feeds(1e-3)
+    qcompile.compile_model(onnx.parser.parse_model(GLOBAL_POOL), feeds, _quiet(), verify_data=feeds)
+
+
+# ---- 1b. an output near 0 made of large terms ----------------------------------------------------
+
+CANCELLATION = """<ir_version: 8, opset_import: ["" : 17]>
+fuzz (float[N,2,3,3] x) => (float[N,2] flatten28, float[N,10] matmul31, float[N,1] gemm34)
+   <float[2,1,1] c1 = {-1.1130067,1.380859}, float[2] bn4 = {1.25434,1.1689533},
+    float[2] bn5 = {-0.028408237,0.10871163}, float[2] bn6 = {-0.44853064,0.019882068},
+    float[2] bn7 = {1.3748137,1.0065933}, float[2,2,1,1] w12 = {-0.6944905,0.38825855,-1.0995301,-0.12951128},
+    float c15 = {0}, float c16 = {6}, float[2,2,1,1] w19 = {1.0483123,1.7719861,-1.0573131,-0.9826373},
+    float[2,10] mw30 = {-1.0100225,0.7591707,-0.4991832,0.5911631,-0.7672886,-0.5157307,-0.7694549,0.3941563,
+      -0.040403888,0.347474,0.028458355,-0.15490018,0.023288904,1.0421692,1.029844,0.2632165,-0.3842731,
+      0.1448783,-0.828182,0.24973047},
+    float[10,1] fw33 = {0.2855297,-0.08743685,0.051168866,0.45377463,-0.29492784,-0.2231967,0.48833236,
+      0.35852936,0.019743187,0.0039035233}>
+{
+   add2 = Add (x, c1)
+   batchnormalization8 = BatchNormalization <epsilon: float = 1e-05> (add2, bn4, bn5, bn6, bn7)
+   globalaveragepool10 = GlobalAveragePool (batchnormalization8)
+   conv13 = Conv <kernel_shape: ints = [1, 1]> (globalaveragepool10, w12)
+   clip17 = Clip (conv13, c15, c16)
+   conv20 = Conv <kernel_shape: ints = [1, 1]> (globalaveragepool10, w19)
+   relu22 = Relu (conv20)
+   add24 = Add (clip17, relu22)
+   globalaveragepool26 = GlobalAveragePool (add24)
+   flatten28 = Flatten <axis: int = 1> (globalaveragepool26)
+   matmul31 = MatMul (flatten28, mw30)
+   gemm34 = Gemm (matmul31, fw33)
+}"""
+
+
+def test_output_that_cancels_to_near_zero_is_judged_against_onnxruntimes_quantizer():
+    proto = onnx.parser.parse_model(CANCELLATION)
+    onnx.checker.check_model(proto, full_check=True)
+    check_compiles_and_stays_close(FuzzModel(proto, (2, 3, 3)), SchemeOptions())
+
+
+# ---- 2, 3. strings that are not UTF-8 ------------------------------------------------------------
+
+NAMES = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,4] y) { [nodenamezq] y = Add (x, zqzq) }"""
+
+
+@pytest.mark.parametrize("old, new, field", [
+    (b"zqzq", b"z\xe5qz", "graph.node.input"),  # undefined input: the checker quotes it
+    (b"nodenamezq", b"nodename\xe5q", "graph.node.name"),  # the checker accepts it
+])
+def test_strings_that_are_not_utf8_are_an_invalid_model(tmp_path, old, new, field):
+    data = onnx.parser.parse_model(NAMES).SerializeToString()
+    assert data.count(old) == 1
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data.replace(old, new))
+    with pytest.raises(InvalidModelError, match=f"a string in {field} is not UTF-8"):
+        load_model(path)
+    with pytest.raises(InvalidModelError, match="not UTF-8"):
+        load_model(onnx.load_from_string(path.read_bytes()))
+    result = CliRunner().invoke(main, ["compile", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", "random"])
+    assert result.exit_code == 3 and result.stderr.count("\n") == 1, result.output
+
+
+# ---- 4. NaN / Inf constants ----------------------------------------------------------------------
+
+GEMM_AND_MASK = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,3] y, float[N,4] masked) {
+  y = Gemm <transB=1> (x, w, b)
+  masked = Add (x, mask)
+}"""
+
+
+def test_non_finite_constants_leave_their_op_float_with_a_reason():
+    w = rng.normal(size=(3, 4)).astype(np.float32)
+    w[1, 2] = np.nan
+    mask = np.zeros(4, np.float32)
+    mask[0] = -np.inf
+    proto = to_proto(parse_model(GEMM_AND_MASK, dict(w=w, b=np.zeros(3, np.float32), mask=mask)))
+    result = qcompile.compile_model(proto, _feeds((2, 4)), _quiet())
+    reasons = {f.op_type: f.reason for f in result.report.quantization.float_nodes}
+    assert "'w' holds NaN or Inf" in reasons["Gemm"] and "'mask' holds NaN or Inf" in reasons["Add"]
+    # The float model's NaN output is reported by verification, not hidden.
+    assert not result.verification_passed
+
+
+# ---- 5. an initializer that is also a graph output -----------------------------------------------
+
+BIAS_AS_OUTPUT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[4] b) {
+  y = Conv <pads=[1,1,1,1]> (x, w, b)
+}"""
+
+
+def test_initializer_that_is_a_graph_output_stays_float_there():
+    b = rng.normal(size=4).astype(np.float32)
+    model = parse_model(BIAS_AS_OUTPUT, dict(w=rng.normal(size=(4, 3, 3, 3)).astype(np.float32), b=b))
+    feeds = _feeds((2, 3, 8, 8))
+    result = qcompile.compile_model(to_proto(model), feeds, _quiet())
+    assert [o.name for o in result.model.graph.output] == ["y", "b"]
+    y, b_out = run(result.model, feeds[0])
+    np.testing.assert_array_equal(b_out, b)
+    assert sqnr_db(run(model, feeds[0])[0], y) > 25
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] == "b_quantized" for n in result.model.graph.node)
+    assert ir.from_proto(result.model)  # a valid, loadable model
+
+
+# ---- 6. an input of UNDEFINED type -------------------------------------------------------------
+
+
+def test_input_of_undefined_type_is_an_invalid_model(tmp_path):
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4] x) => (float[N,4] y) { y = Relu (x) }""")
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
+    onnx.checker.check_model(proto)  # onnx lets it through
+    with pytest.raises(InvalidModelError, match="'x' has element type UNDEFINED"):
+        qcompile.compile_model(proto, "random", _quiet())
+
+
+# ---- 7. data that does not fit its shape ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("rows, words", [(2, "holds (48 bytes|12 values) of data, its shape needs (32|8)"), (4, "too small")])
+def test_tensor_whose_data_does_not_fit_its_shape_is_an_invalid_model(tmp_path, raw, rows, words):
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4] x) => (float[N,3] y) { y = Gemm <transB=1> (x, w) }""")
+    w = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [3, 4], np.ones(12, np.float32), raw=raw)
+    w.dims[0] = rows  # as a damaged varint would; onnx's checker catches only data that is too small
+    proto.graph.initializer.append(w)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(InvalidModelError, match=words):
+        load_model(path)
