@@ -5,8 +5,8 @@ From the graph fuzzer (test_fuzz_graphs.py):
    identity elimination merged the two outputs into one name, the model lost output ``b``.
 1a. A GlobalAveragePool whose output was 0 on every calibration sample (a zero mean) got the scale
    floor 1e-8; onnxruntime's QLinearGlobalAveragePool refuses x_scale / (y_scale · pixels) ≥ 256, so
-   the compiled model did not run. A zero range now gets scale 1 (as onnxruntime's quantizer does).
-   OPEN: the same with a tiny but nonzero output range (expected failure below, reported).
+   the compiled model did not run. A zero range now gets scale 1 (as onnxruntime's quantizer does);
+   a tiny but nonzero output range is widened to the kernel's bound (AssignQParamsPass).
 1b. Not a compiler fault but the fuzz bound's: an output that is a small difference of large terms
    (a Gemm summing terms of both signs to about 0) has 5 dB SQNR under int8, qcompile's and
    onnxruntime's quantizer alike; such outputs now get onnxruntime's quantizer as a second opinion.
