@@ -106,7 +106,8 @@ def _imagenet_cnn(name: str, architecture: str, quick: bool) -> Case:
 
     import qcompile
 
-    sys.path.insert(0, str(ROOT / "examples"))
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
     from models import MobileNetV2, ResNet18, reestimate_batchnorm, synthetic_images
 
     n_calib, n_eval = (8, 8) if quick else (32, 32)

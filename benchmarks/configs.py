@@ -13,8 +13,9 @@ child process). What each peer configuration is, in the peers' own terms:
 - ``nncf``: ``nncf.quantize`` on the ONNX model with its default preset; ``nncf_transformer`` with
   ``model_type=TRANSFORMER`` (for transformer cases only).
 
-qcompile's rows: its default (uint8 activations, per-channel int8 weights), ``activation_dtype=int8``,
-``weight_granularity=per_tensor``, and for transformers ``keep_float=("Add",)``.
+qcompile's rows: its default (uint8 activations, per-channel int8 weights, MSE activation ranges),
+``activation_dtype=int8``, ``weight_granularity=per_tensor``, calibration ``method=minmax`` (the
+peers' default range method) and ``bias_correction_batches=8`` (opt-in bias correction).
 
 Percentile and Entropy run with uint8 activations only: the calibration method changes the ranges,
 the activation type changes the kernels, and uint8 is the type a user on x86 picks.
@@ -28,7 +29,7 @@ from typing import Any
 
 from benchmarks.cases import Case
 
-BENCH_EXTRA = "not installed: pip install -e '.[bench]'"
+BENCH_EXTRA = "pip install -e '.[bench]'"
 
 
 @dataclass(frozen=True)
@@ -40,27 +41,24 @@ class Config:
     # Python package the tool needs (None: a core dependency of qcompile).
     requires: str | None = None
 
-    @property
-    def is_qcompile(self) -> bool:
-        return self.tool == "qcompile"
-
 
 def configurations(case: Case, *, quick: bool = False) -> list[Config]:
     """Every configuration for ``case``, float first.
 
-    ``quick`` keeps one configuration per peer tool beside qcompile's (no int8-activation,
-    Percentile, Entropy or dynamic rows): a smoke test of every code path, not a comparison.
+    ``quick`` keeps qcompile's default, int8-activation and per-tensor rows and one configuration per
+    peer tool: a smoke test of every code path, not a comparison.
     """
-    transformer = case.nncf_model_type == "transformer"
     configs = [
         Config("float", "float"),
         Config("qcompile", "qcompile"),
         Config("qcompile_act_int8", "qcompile", {"scheme": {"activation_dtype": "int8"}}),
         Config("qcompile_per_tensor", "qcompile", {"scheme": {"weight_granularity": "per_tensor"}}),
     ]
-    if transformer:
-        # Residual and bias Adds carry BERT's outlier channels; keeping them float is the user's lever.
-        configs.append(Config("qcompile_keep_float_add", "qcompile", {"scheme": {"keep_float": ["Add"]}}))
+    if not quick:
+        configs += [
+            Config("qcompile_minmax", "qcompile", {"calibration": {"method": "minmax"}}),
+            Config("qcompile_bias_correction", "qcompile", {"calibration": {"bias_correction_batches": 8}}),
+        ]
     configs.append(Config("ort_u8_minmax", "ort_static", {"activation_type": "uint8", "method": "minmax"}))
     if not quick:
         configs.append(Config("ort_s8_minmax", "ort_static", {"activation_type": "int8", "method": "minmax"}))
@@ -79,7 +77,7 @@ def configurations(case: Case, *, quick: bool = False) -> list[Config]:
 
 
 def missing_requirement(config: Config) -> str | None:
-    """Why ``config`` cannot run here (its package is not installed), or None."""
+    """How to install the missing package ``config`` needs, or None when it can run here."""
     if config.requires is not None and find_spec(config.requires) is None:
         return BENCH_EXTRA
     return None

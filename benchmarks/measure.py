@@ -147,6 +147,7 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
+        "qcompile_commit": _git_commit(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "memory_gib": _memory_gib(),
@@ -154,6 +155,16 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
     }
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit of this repository, with "+changes" when qcompile/ differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qcompile"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _cpu_model() -> str:

@@ -32,7 +32,7 @@ def render(record: dict[str, Any]) -> str:
         "",
         f"Command: `{record['command']}` — {record['seconds']:.0f} s wall in all.",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores, {env['memory_gib']} GiB; {env['platform']}; Python {env['python']}.",
-        f"Versions: {versions}.",
+        f"Versions: {versions}; qcompile commit {env.get('qcompile_commit') or 'unknown'}.",
         "",
         (
             "Latency: onnxruntime CPU provider, batch 1, median of interleaved runs after warm-up, spinning off, "

@@ -95,7 +95,7 @@ def _run_configs(case: Case, tmp: Path, quick: bool) -> list[dict[str, Any]]:
         missing = configs_module.missing_requirement(config)
         if missing:
             row.update(status="not installed", error=missing)
-            log(f"[{case.name}] {config.name}: {missing}")
+            log(f"[{case.name}] {config.name}: not installed: {missing}")
             continue
         output = tmp / f"{config.name}.onnx"
         calib = padded if config.params.get("padded") else calibration
