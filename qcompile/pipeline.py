@@ -61,6 +61,9 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
                 output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
             ),
         ),
+        # Constant nodes become initializers: one form for every constant the passes read, and
+        # no "Constant stayed float" rows in the report.
+        ("lift_constants", common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
         # BN folding/decomposition and the pooling rewrite need ranks.
         ("infer_shapes", common_passes.ShapeInferencePass(strict_mode=False)),
         ("fold_batchnorm", FoldBatchNormPass()),
