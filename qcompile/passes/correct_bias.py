@@ -22,25 +22,16 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.graph.notes import add_note
+from qcompile.verify.compare import with_outputs
 from qcompile.verify.sessions import make_session
 
 _CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
 _INT32 = np.iinfo(np.int32)
 
 
-def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    existing = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in existing:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return copy
-
-
 def _channel_means(proto: onnx.ModelProto, names: Sequence[str], feeds) -> dict[str, np.ndarray]:
     """Per-channel (axis 1) mean of each named tensor over all feeds, streamed."""
-    session = make_session(_with_outputs(proto, names), optimization="basic")
+    session = make_session(with_outputs(proto, names, "the model"), optimization="basic")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feed in feeds:

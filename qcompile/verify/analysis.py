@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qcompile.verify.compare import _with_outputs
+from qcompile.verify.compare import with_outputs
 from qcompile.verify.metrics import OutputComparison, json_float
 from qcompile.verify.sessions import make_session
 
@@ -196,8 +196,8 @@ def analyze(
     layers = _quantized_activations(quant_model, float_names)
     tensors = [t for t, *_ in layers]
     dequantized = [d for _, d, *_ in layers]
-    float_sess = make_session(_with_outputs(float_model, tensors, "the float model"))
-    quant_sess = make_session(_with_outputs(quant_model, dequantized + tensors, "the quantized model"))
+    float_sess = make_session(with_outputs(float_model, tensors, "the float model"))
+    quant_sess = make_session(with_outputs(quant_model, dequantized + tensors, "the quantized model"))
     comparisons = [OutputComparison(t) for t in tensors]
     clipped = np.zeros(len(layers))
     counts = np.zeros(len(layers))

@@ -111,8 +111,8 @@ def compare_models(
 
     runs = [(session(float_proto), float_names, session(quant_proto), quant_names)]
     if layer_names:
-        float_layers = _with_outputs(float_proto, layer_names, "the float model")
-        quant_layers = _with_outputs(quant_proto, layer_names, "the quantized model")
+        float_layers = with_outputs(float_proto, layer_names, "the float model")
+        quant_layers = with_outputs(quant_proto, layer_names, "the quantized model")
         runs.append((session(float_layers), layer_names, session(quant_layers), layer_names))
     input_names = {i.name for i in runs[0][0].get_inputs()}
 
@@ -176,7 +176,7 @@ def _paired_output_names(float_names: list[str], quant_names: list[str]) -> list
     return list(quant_names)
 
 
-def _with_outputs(proto: onnx.ModelProto, names: Sequence[str], what: str) -> onnx.ModelProto:
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str], what: str) -> onnx.ModelProto:
     """A copy of ``proto`` whose graph also outputs ``names`` (only the element type is declared)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)

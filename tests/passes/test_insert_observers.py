@@ -8,7 +8,7 @@ from qcompile.options import SchemeOptions
 from qcompile.passes import AnnotatePass, InsertObserversPass
 from qcompile.passes.insert_observers import activation_groups
 from tests.helpers import parse_model, run
-from tests.passes.test_annotate import conv_relu_pool_gemm
+from tests.passes.test_annotate import CONV_RELU_POOL_GEMM, conv_relu_pool_gemm
 
 
 def test_observation_model_outputs_annotated_tensors_and_leaves_input_alone():
@@ -32,14 +32,5 @@ def test_observation_model_outputs_annotated_tensors_and_leaves_input_alone():
 
 
 def conv_relu_pool_gemm_like(model):
-    return parse_model(
-        """<ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,3,8,8] x) => (float[N,10] y) {
-          c = Conv <pads=[1,1,1,1]> (x, w, b)
-          r = Relu(c)
-          p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r)
-          f = Flatten(p)
-          y = Gemm <transB=1> (f, fw, fb)
-        }""",
-        {v.name: v.const_value.numpy() for v in model.graph.initializers.values()},
-    )
+    """The float graph again, with the (unchanged) initializers of ``model``."""
+    return parse_model(CONV_RELU_POOL_GEMM, {v.name: v.const_value.numpy() for v in model.graph.initializers.values()})

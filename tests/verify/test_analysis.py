@@ -10,16 +10,10 @@ import qcompile
 from qcompile.cli import main
 from qcompile.verify.analysis import analyze
 from tests.helpers import parse_model, sqnr_db, to_proto
+from tests.passes.test_annotate import CONV_RELU_POOL_GEMM
 
 rng = np.random.default_rng(0)
-TEXT = """<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,3,8,8] x) => (float[N,10] y) {
-  c = Conv <pads=[1,1,1,1]> (x, w, b)
-  r = Relu(c)
-  p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r)
-  f = Flatten(p)
-  y = Gemm <transB=1> (f, fw, fb)
-}"""
+TEXT = CONV_RELU_POOL_GEMM
 
 
 def _models():
