@@ -32,6 +32,7 @@ from qcompile.passes import (
     DecomposeBatchNormPass,
     DeriveBiasPass,
     EliminateIdentityPass,
+    EqualizeCrossLayerPass,
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
@@ -43,8 +44,9 @@ from qcompile.quant.qparams import QParams
 from qcompile.report.model import PassRecord
 
 
-def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
+def cleanup_passes(options: CompileOptions | None = None) -> list[tuple[str, ir.passes.PassBase]]:
     """Float-to-float clean-ups run before anything is quantized."""
+    equalize = options is not None and options.calibration.equalize_cross_layer
     return [
         # Every node gets a unique name: reports, --keep-float patterns and the fusion check (which
         # finds our nodes in onnxruntime's optimized graph) refer to nodes by name.
@@ -72,6 +74,8 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
         ("reduce_mean_to_pool", ReduceMeanToGlobalPoolPass()),
         ("eliminate_identity", EliminateIdentityPass()),  # onnx-ir's, keeping Identity between two outputs
         ("remove_unused", common_passes.RemoveUnusedNodesPass()),
+        # After BN folding and Identity removal, which would otherwise sit between the layers.
+        *([("equalize_cross_layer", EqualizeCrossLayerPass())] if equalize else []),
         # Annotation needs dtypes of the values the rewrites created, and a topological order.
         ("infer_shapes_after_cleanup", common_passes.ShapeInferencePass(strict_mode=False)),
         ("sort", common_passes.TopologicalSortPass()),
@@ -269,7 +273,7 @@ def compile_ir(
     ``model`` is modified in place and returned.
     """
     options = runner.options
-    model = runner.run(model, cleanup_passes())
+    model = runner.run(model, cleanup_passes(options))
     # Bias correction compares against the cleaned float model (same tensor names and meanings).
     batches = options.calibration.bias_correction_batches
     reference = ir.to_proto(model) if batches else None

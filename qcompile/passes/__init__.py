@@ -5,6 +5,7 @@ from qcompile.passes.assign_qparams import AssignQParamsPass
 from qcompile.passes.correct_bias import CorrectBiasPass
 from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
 from qcompile.passes.derive_bias import DeriveBiasPass
+from qcompile.passes.equalize_cross_layer import EqualizeCrossLayerPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
@@ -19,6 +20,7 @@ __all__ = [
     "DecomposeBatchNormPass",
     "DeriveBiasPass",
     "EliminateIdentityPass",
+    "EqualizeCrossLayerPass",
     "FoldBatchNormPass",
     "InsertObserversPass",
     "PlaceQDQPass",
