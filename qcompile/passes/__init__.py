@@ -11,6 +11,7 @@ from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
+from qcompile.passes.round_weights import RoundWeightsPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "PlaceQDQPass",
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
+    "RoundWeightsPass",
 ]

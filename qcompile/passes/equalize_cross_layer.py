@@ -55,8 +55,7 @@ class _Chain:
     scales: np.ndarray | None = None  # accumulated s over the rounds
 
     def describe(self) -> str:
-        path = " → ".join([f"{self.first.op_type} {self.first.name!r}", *self.between, f"{self.second.op_type} {self.second.name!r}"])
-        return path
+        return " → ".join([f"{self.first.op_type} {self.first.name!r}", *self.between, f"{self.second.op_type} {self.second.name!r}"])
 
 
 class EqualizeCrossLayerPass(ir.passes.InPlacePass):
@@ -160,11 +159,11 @@ def _find_chain(node: ir.Node) -> _Chain | str | None:
         if reason is None:
             return None
         follower = _layer_after(value)
-        return f"{first_text} → {follower}: {reason}" if follower else None
+        return f"{' → '.join([first_text, *between, follower])}: {reason}" if follower else None
     if not _is_layer(reader) or reader.inputs[0] is not value or _family(reader) != _family(node):
         if reader.op_type == "Clip" and _layer_after(reader.outputs[0]):
             return (
-                f"{first_text} → Clip → {_layer_after(reader.outputs[0])}: Clip (ReLU6) is not "
+                f"{' → '.join([first_text, *between, 'Clip', _layer_after(reader.outputs[0])])}: Clip (ReLU6) is not "
                 "positive-homogeneous, min(x/s, 6) ≠ min(x, 6)/s"
             )
         return None
