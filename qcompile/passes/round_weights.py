@@ -1,35 +1,36 @@
 """RoundWeightsPass: round each weight element down or up to minimize its layer's output error.
 
 Nearest rounding minimizes each weight's own error, not the layer's. With X the layer's float input
-rows (im2col patches for Conv) and W one output channel's weights in units of its scale s
+rows (im2col patches for Conv) and one output channel's weights in units of its scale s
 (v = W / s), integer weights q give the output error
 
-    E(q) = s² · (q − v)ᵀ H (q − v),   H = Σ_rows x xᵀ  (the Gram matrix of the inputs),
+    E(q) = s² · ‖(q − v)·Xᵀ‖² = s² · (q − v)ᵀ H (q − v),   H = Xᵀ X,
 
 (AdaRound, Nagel et al. 2020, without its relaxation). Each element may take floor(v) or ceil(v),
 so it ends at most one step from nearest. Starting from nearest, a greedy coordinate descent visits
 the elements in order and flips one to its other neighbour when that lowers E: with g = H (q − v)
-and t = ±1 the step, the change is 2·t·g_j + H_jj, and a flip updates g += t·H[:, j]. Elements are
-visited in blocks of ``BLOCK`` so that g is updated for the rest of the row by one matrix product per
-block; all output channels (and all groups of a grouped conv) move together. Sweeps repeat until none
-flips (at most ``SWEEPS``).
+and t = ±1 the step, the change is 2·t·g_j + H_jj. The pass keeps the output error r = (q − v)·Xᵀ
+rather than H (the rows are fewer than n² for wide layers): for a block of ``BLOCK`` elements it
+computes g = r·X_block and the block's H, flips inside the block updating g, then r once by a matrix
+product. All output channels (and all groups of a grouped conv) move together. Sweeps repeat until
+none flips (at most ``SWEEPS``).
 
-H is damped, H + λ·mean(diag H)·I with λ = ``DAMPING``: with fewer sampled rows than weights per
+E is damped, + λ·mean(H_jj)·‖q − v‖² with λ = ``DAMPING``: with fewer sampled rows than weights per
 channel H is singular, and the damping keeps rounding that only fits the sample from winning.
 
-The rows: the float model (this pass's input, still float) runs on a few calibration batches, and
-up to ``MAX_ROWS`` rows per layer are sampled at random (seeded) and streamed into H, so memory is
-one n×n matrix per layer (n = C_in/group · kernel size). Layers: Conv (1-D and 2-D, explicit pads
-or VALID), Gemm and MatMul with a constant 2-D weight that only this node reads. The chosen
-integers go onto the weight (``ROUNDED_KEY``) for PlaceQDQPass to store. Precondition:
-AssignQParamsPass and DeriveBiasPass have run (the weight scales are final).
+The rows: the float model (this pass's input, still float) runs on up to ``MAX_BATCHES``
+calibration batches, and up to ``MAX_ROWS`` rows per layer are sampled at random (seeded), spread
+evenly over the batches. Layers: Conv (1-D and 2-D, explicit pads or VALID), Gemm and MatMul with a
+constant 2-D weight that only this node reads. The chosen integers go onto the weight
+(``ROUNDED_KEY``) for PlaceQDQPass to store. Precondition: AssignQParamsPass and DeriveBiasPass have
+run (the weight scales are final).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -45,7 +46,7 @@ MAX_ROWS = 4096
 # Calibration batches the float model runs on to sample the rows.
 MAX_BATCHES = 64
 SWEEPS = 3
-BLOCK = 128
+BLOCK = 64
 DAMPING = 0.01
 
 
@@ -54,7 +55,9 @@ class _Layer:
     node: ir.Node
     weight: ir.Value
     qparams: QParams
-    gram: np.ndarray | None = None  # (groups, n, n), float64
+    # Sampled input rows, (groups, n, rows) per batch: the transpose of X, so that a block of
+    # weight elements is a block of contiguous rows.
+    samples: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
 
 
@@ -74,11 +77,11 @@ class RoundWeightsPass(ir.passes.InPlacePass):
                 add_note(model, f"round_weights: {node.name}: nearest rounding kept: {layer_or_reason}")
         if not layers or not self.feeds:
             return ir.passes.PassResult(model, modified=False)
-        _collect_grams(model, layers, self.feeds, np.random.default_rng(self.seed))
+        _collect_rows(model, layers, self.feeds, np.random.default_rng(self.seed))
         flipped = total = 0
         before = after = 0.0
         for layer in layers:
-            if layer.gram is None:
+            if not layer.rows:
                 add_note(model, f"round_weights: {layer.node.name}: nearest rounding kept: no input rows were sampled")
                 continue
             nearest = quantize(constant_array(layer.weight), layer.qparams)
@@ -120,7 +123,7 @@ def _layer(node: ir.Node) -> _Layer | str | None:
 # --- Input rows -------------------------------------------------------------------------------
 
 
-def _collect_grams(model: ir.Model, layers: list[_Layer], feeds, rng: np.random.Generator) -> None:
+def _collect_rows(model: ir.Model, layers: list[_Layer], feeds, rng: np.random.Generator) -> None:
     names = sorted({layer.node.inputs[0].name for layer in layers})
     session = make_session(with_outputs(ir.to_proto(model), names, "the model"), optimization="basic")
     per_batch = math.ceil(MAX_ROWS / len(feeds))
@@ -128,12 +131,9 @@ def _collect_grams(model: ir.Model, layers: list[_Layer], feeds, rng: np.random.
         arrays = dict(zip(names, session.run(names, feed)))
         for layer in layers:
             rows = _sample_rows(layer.node, arrays[layer.node.inputs[0].name], min(per_batch, MAX_ROWS - layer.rows), rng)
-            if rows.shape[1] == 0:
-                continue
-            # float32: every layer's matrix is held until the rounding (ResNet-18: about 0.4 GB).
-            gram = np.matmul(rows.transpose(0, 2, 1), rows)
-            layer.gram = gram if layer.gram is None else layer.gram + gram
-            layer.rows += rows.shape[1]
+            if rows.shape[1]:
+                layer.samples.append(np.ascontiguousarray(rows.transpose(0, 2, 1)))
+                layer.rows += rows.shape[1]
 
 
 def _sample_rows(node: ir.Node, x: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -198,7 +198,7 @@ def _from_channels(layer: _Layer, channels: np.ndarray, shape: tuple[int, ...]) 
 def _optimize(layer: _Layer, nearest: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """The chosen integers (the weight's shape and dtype) and the sampled error before and after."""
     data = constant_array(layer.weight).astype(np.float32)
-    groups = layer.gram.shape[0]
+    groups = layer.samples[0].shape[0]
     qp = layer.qparams
     scale = np.broadcast_to(qp.scale.astype(np.float32), (nearest.shape[qp.spec.axis] if qp.spec.axis is not None else 1,))
     if qp.spec.axis is None:
@@ -208,41 +208,50 @@ def _optimize(layer: _Layer, nearest: np.ndarray) -> tuple[np.ndarray, tuple[flo
     # v in units of the scale, exactly as QuantizeLinear divides (float32).
     v = (_as_channels(layer, data, groups) / per_channel[:, :, None].astype(np.float32)).astype(np.float64)
     q = _as_channels(layer, nearest, groups).astype(np.float64)
-    damped = layer.gram.astype(np.float64)
-    layer.gram = None  # the float32 copy is no longer needed
-    index = np.arange(damped.shape[1])
-    damped[:, index, index] += DAMPING * damped[:, index, index].mean(axis=1)[:, None]
+    x_t = np.concatenate(layer.samples, axis=2)  # (groups, n, rows), float32
+    layer.samples = []
+    column_energy = np.einsum("gnr,gnr->gn", x_t, x_t, dtype=np.float64)  # H_jj
+    damping = DAMPING * column_energy.mean(axis=1)[:, None]  # λ·mean(diag H), per group
     # The other neighbour of v: t = +1 when v is above q, -1 below, 0 on an integer or at the limits.
     step = np.sign(v - q)
     step[(q + step < qp.dtype.qmin) | (q + step > qp.dtype.qmax)] = 0.0
-    residual = q - v
-    g = np.matmul(residual, damped)
+    u = q - v
+    residual = np.matmul(u.astype(np.float32), x_t)  # (groups, channels, rows): u·X, the output error
     weights = per_channel[:, :, None].astype(np.float64) ** 2
-    before = float(np.sum(weights * residual * g))
+
+    def objective() -> float:
+        data_term = np.sum(residual.astype(np.float64) ** 2, axis=2)
+        return float(np.sum(weights[:, :, 0] * (data_term + damping * np.sum(u**2, axis=2))))
+
+    before = objective()
     n = v.shape[2]
+    blocks = [(start, min(start + BLOCK, n)) for start in range(0, n, BLOCK)]
+    # Each block's own Gram matrix, for the updates inside it (computed once, reused by every sweep).
+    block_grams = [np.matmul(x_t[:, a:b, :], x_t[:, a:b, :].transpose(0, 2, 1)).astype(np.float64) for a, b in blocks]
     for _ in range(SWEEPS):
         changed = False
-        for start in range(0, n, BLOCK):
-            stop = min(start + BLOCK, n)
-            block_g = g[:, :, start:stop].copy()
-            block_h = damped[:, start:stop, start:stop]
-            moves = np.zeros_like(block_g)
+        for (start, stop), block_h in zip(blocks, block_grams):
+            block_x = x_t[:, start:stop, :]
+            # g_j = (u·X)·X_j for the block's elements j.
+            block_g = np.matmul(residual, block_x.transpose(0, 2, 1)).astype(np.float64)
+            moves = np.zeros(block_g.shape, dtype=np.float32)
             for j in range(stop - start):
                 t = step[:, :, start + j]
-                gain = 2.0 * t * block_g[:, :, j] + (t * t) * block_h[:, j, j][:, None]
+                gain = 2.0 * t * (block_g[:, :, j] + damping * u[:, :, start + j]) + (t * t) * (block_h[:, j, j] + damping[:, 0])[:, None]
                 flip = (gain < 0.0) & (t != 0.0)
                 if not flip.any():
                     continue
                 move = np.where(flip, t, 0.0)
                 q[:, :, start + j] += move
+                u[:, :, start + j] += move
                 step[:, :, start + j] = np.where(flip, -t, t)
                 moves[:, :, j] = move
-                block_g += move[:, :, None] * block_h[:, j, :][:, None, :]
+                block_g[:, :, j + 1 :] += move[:, :, None] * block_h[:, j, j + 1 :][:, None, :]
                 changed = True
-            g += np.matmul(moves, damped[:, start:stop, :])
+            if moves.any():
+                residual += np.matmul(moves, block_x)
         if not changed:
             break
-    residual = q - v
-    after = float(np.sum(weights * residual * np.matmul(residual, damped)))
+    after = objective()
     rounded = _from_channels(layer, q, nearest.shape).astype(nearest.dtype)
     return rounded, (before, after)
