@@ -12,8 +12,9 @@ the elements in order and flips one to its other neighbour when that lowers E: w
 and t = ±1 the step, the change is 2·t·g_j + H_jj. The pass keeps the output error r = (q − v)·Xᵀ
 rather than H (the rows are fewer than n² for wide layers): for a block of ``BLOCK`` elements it
 computes g = r·X_block and the block's H, flips inside the block updating g, then r once by a matrix
-product. All output channels (and all groups of a grouped conv) move together. Sweeps repeat until
-none flips (at most ``SWEEPS``).
+product. All output channels (and all groups of a grouped conv) move together. One sweep
+(``SWEEPS``): a second and third lowered the sampled error further but moved the output SQNR by
+under 0.1 dB (digits CNN, ResNet-18), each for about 1.7x the pass's time.
 
 E is damped, + λ·mean(H_jj)·‖q − v‖² with λ = ``DAMPING``: with fewer sampled rows than weights per
 channel H is singular, and the damping keeps rounding that only fits the sample from winning.
@@ -45,8 +46,8 @@ from qcompile.verify.sessions import make_session
 MAX_ROWS = 4096
 # Calibration batches the float model runs on to sample the rows.
 MAX_BATCHES = 64
-SWEEPS = 3
-BLOCK = 64
+SWEEPS = 1
+BLOCK = 128
 DAMPING = 0.01
 
 
