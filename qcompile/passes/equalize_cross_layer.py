@@ -206,8 +206,6 @@ def _chain_problem(chain: _Chain, weight1: np.ndarray) -> str | None:
             return "layer 1's C does not broadcast per column"
     if _input_channels(chain.second, _weight(chain.second)) != channels:
         return "the layers' channel counts differ"
-    if chain.second.op_type == "Gemm" and chain.second.attributes.get_int("transA", 0):
-        return "layer 2 is a Gemm with transA=1"
     return None
 
 
