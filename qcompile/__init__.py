@@ -27,6 +27,7 @@ from qcompile.options import (  # noqa: E402
     VerificationOptions,
     WeightGranularity,
     WeightMethod,
+    WeightRounding,
 )
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "VerificationOptions",
     "WeightGranularity",
     "WeightMethod",
+    "WeightRounding",
     "__version__",
     "compile_model",
     "export_torch",

@@ -29,6 +29,7 @@ from qcompile.options import (
     VerificationOptions,
     WeightGranularity,
     WeightMethod,
+    WeightRounding,
 )
 
 # Flag defaults come from the dataclass, so a default lives in one place (options.py).
@@ -115,6 +116,8 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             random_samples=flags["random_samples"],
             seed=flags["seed"],
             bias_correction_batches=flags["bias_correction_batches"],
+            equalize_cross_layer=flags["equalize_cross_layer"],
+            weight_rounding=flags["weight_rounding"],
         ),
         verification=VerificationOptions(
             enabled=not flags["no_verify"],
@@ -157,6 +160,10 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--calibration-max-samples", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--bias-correction-batches", type=int, default=_CALIBRATION_DEFAULTS.bias_correction_batches, show_default=True,
               help="Correct each layer's int32 bias for its mean output error, measured on this many calibration batches (0: off).")
+@click.option("--equalize-cross-layer/--no-equalize-cross-layer", default=_CALIBRATION_DEFAULTS.equalize_cross_layer,
+              show_default=True, help="Equalize the weight ranges of Conv→Relu→Conv (and Gemm) chains before calibration.")
+@click.option("--weight-rounding", type=_choice(WeightRounding), default=_CALIBRATION_DEFAULTS.weight_rounding.value,
+              show_default=True, help="Round weights to nearest, or up/down to minimize each layer's output error (slower).")
 @click.option("--random-samples", type=int, default=32, show_default=True, help="Samples drawn with --calib random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")

@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,7 @@ from qcompile.calibration.collect import calibrate
 from qcompile.calibration.observers import make_observer
 from qcompile.graph.notes import notes
 from qcompile.graph.queries import node_count
-from qcompile.options import CalibrationOptions, CompileOptions
+from qcompile.options import CalibrationOptions, CompileOptions, WeightRounding
 from qcompile.passes import (
     AnnotatePass,
     AssignQParamsPass,
@@ -32,19 +32,25 @@ from qcompile.passes import (
     DecomposeBatchNormPass,
     DeriveBiasPass,
     EliminateIdentityPass,
+    EqualizeCrossLayerPass,
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
     ReduceMeanToGlobalPoolPass,
     RemoveDropoutPass,
+    RoundWeightsPass,
 )
 from qcompile.passes.insert_observers import activation_groups, group_specs
+from qcompile.passes.round_weights import MAX_BATCHES as ROUNDING_BATCHES
 from qcompile.quant.qparams import QParams
 from qcompile.report.model import PassRecord
 
+Feed = dict[str, np.ndarray]
 
-def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
+
+def cleanup_passes(options: CompileOptions | None = None) -> list[tuple[str, ir.passes.PassBase]]:
     """Float-to-float clean-ups run before anything is quantized."""
+    equalize = options is not None and options.calibration.equalize_cross_layer
     return [
         # Every node gets a unique name: reports, --keep-float patterns and the fusion check (which
         # finds our nodes in onnxruntime's optimized graph) refer to nodes by name.
@@ -72,6 +78,8 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
         ("reduce_mean_to_pool", ReduceMeanToGlobalPoolPass()),
         ("eliminate_identity", EliminateIdentityPass()),  # onnx-ir's, keeping Identity between two outputs
         ("remove_unused", common_passes.RemoveUnusedNodesPass()),
+        # After BN folding and Identity removal, which would otherwise sit between the layers.
+        *([("equalize_cross_layer", EqualizeCrossLayerPass())] if equalize else []),
         # Annotation needs dtypes of the values the rewrites created, and a topological order.
         ("infer_shapes_after_cleanup", common_passes.ShapeInferencePass(strict_mode=False)),
         ("sort", common_passes.TopologicalSortPass()),
@@ -79,14 +87,17 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
 
 
 def finalize_passes(
-    activation_qparams: dict[str, QParams], options: CompileOptions
+    activation_qparams: dict[str, QParams], options: CompileOptions, rounding_feeds: Sequence[Feed] = ()
 ) -> list[tuple[str, ir.passes.PassBase]]:
     """After calibration: numbers, then Q/DQ nodes."""
+    optimized = options.calibration.weight_rounding == WeightRounding.OPTIMIZED
     passes = [
         ("assign_qparams", AssignQParamsPass(activation_qparams, options.calibration.weight_method)),
         # Before placement: an overflowing bias raises its weight's scale, and placement rounds
         # the weights with the final scales.
         ("derive_bias", DeriveBiasPass()),
+        # After derive_bias (final weight scales), before placement (which stores the integers).
+        *([("round_weights", RoundWeightsPass(rounding_feeds, options.calibration.seed))] if optimized else []),
         ("place_qdq", PlaceQDQPass()),
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
@@ -269,7 +280,7 @@ def compile_ir(
     ``model`` is modified in place and returned.
     """
     options = runner.options
-    model = runner.run(model, cleanup_passes())
+    model = runner.run(model, cleanup_passes(options))
     # Bias correction compares against the cleaned float model (same tensor names and meanings).
     batches = options.calibration.bias_correction_batches
     reference = ir.to_proto(model) if batches else None
@@ -277,7 +288,10 @@ def compile_ir(
     # After annotation: observers are per annotated group, and the cache key hashes the annotated model.
     activation_qparams, summary = calibration_stage(model, calibration_feeds, total, runner)
     summary.zero_range = tuple(group for group, qparams in activation_qparams.items() if qparams.zero_range)
-    model = runner.run(model, finalize_passes(activation_qparams, options))
+    rounding_feeds: list[Feed] = []
+    if options.calibration.weight_rounding == WeightRounding.OPTIMIZED:
+        rounding_feeds = list(itertools.islice(iter(calibration_feeds), ROUNDING_BATCHES))
+    model = runner.run(model, finalize_passes(activation_qparams, options, rounding_feeds))
     if reference is not None:
         # After placement: it measures the quantized model as it will run.
         feeds = list(itertools.islice(iter(calibration_feeds), batches))

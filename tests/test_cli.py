@@ -203,3 +203,16 @@ def test_strict_fusion_passes_on_a_fused_model_and_report_says_fused(tmp_path, m
     report = json.loads(result.stdout)
     assert report["options"]["verification"]["strict_fusion"] is True
     assert report["fusion"]["fused"] and report["fusion"]["int8_kernels"]["QLinearConv"] == 1
+
+
+def test_post_training_algorithm_flags_reach_the_options_and_the_pipeline(tmp_path, model_path, calib_dir):
+    out = tmp_path / "q.onnx"
+    result = invoke(
+        "compile", model_path, "-o", out, "--calib", calib_dir, "--equalize-cross-layer", "--weight-rounding", "optimized", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["calibration"]["equalize_cross_layer"] is True
+    assert report["options"]["calibration"]["weight_rounding"] == "optimized"
+    names = [p["name"] for p in report["passes"]]
+    assert "equalize_cross_layer" in names and "round_weights" in names

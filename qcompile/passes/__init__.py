@@ -5,12 +5,14 @@ from qcompile.passes.assign_qparams import AssignQParamsPass
 from qcompile.passes.correct_bias import CorrectBiasPass
 from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
 from qcompile.passes.derive_bias import DeriveBiasPass
+from qcompile.passes.equalize_cross_layer import EqualizeCrossLayerPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
 from qcompile.passes.quantize_int4_weights import QuantizeInt4WeightsPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
+from qcompile.passes.round_weights import RoundWeightsPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
 
 __all__ = [
@@ -20,10 +22,12 @@ __all__ = [
     "DecomposeBatchNormPass",
     "DeriveBiasPass",
     "EliminateIdentityPass",
+    "EqualizeCrossLayerPass",
     "FoldBatchNormPass",
     "InsertObserversPass",
     "PlaceQDQPass",
     "QuantizeInt4WeightsPass",
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
+    "RoundWeightsPass",
 ]

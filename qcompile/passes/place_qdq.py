@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.errors import InternalError
 from qcompile.graph.queries import constant_array
 from qcompile.quant.qparams import QParams, quantize
-from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ActivationAnnotation, QuantDType
+from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ROUNDED_KEY, ActivationAnnotation, QuantDType
 
 _DTYPES = {
     "uint8": ir.DataType.UINT8,
@@ -75,7 +76,13 @@ class PlaceQDQPass(ir.passes.InPlacePass):
     def _quantize_constant(self, graph: ir.Graph, value: ir.Value) -> None:
         qp: QParams = value.meta[QPARAMS_KEY]
         data = constant_array(value)
-        quantized = self._initializer(graph, f"{value.name}_quantized", quantize(data, qp))
+        # Integers chosen by RoundWeightsPass, when it ran; otherwise round to nearest.
+        rounded = value.meta.pop(ROUNDED_KEY, None)
+        if rounded is None:
+            rounded = quantize(data, qp)
+        elif rounded.shape != data.shape or rounded.dtype != qp.dtype.numpy:
+            raise InternalError(f"rounded weights of {value.name!r} do not match its shape or type")
+        quantized = self._initializer(graph, f"{value.name}_quantized", rounded)
         if qp.dtype == QuantDType.INT32:
             # An int32 bias's zero point is 0, DequantizeLinear's default: leave the input out.
             # (Weights keep theirs: onnxruntime 1.32 does not fuse Gemm into QGemm without it.)

@@ -23,6 +23,9 @@ import numpy as np
 ANNOTATION_KEY = "qcompile.annotation"
 QPARAMS_KEY = "qcompile.qparams"
 DECISION_KEY = "qcompile.decision"
+# A weight's integers chosen by RoundWeightsPass (its shape, the quantized dtype); PlaceQDQPass stores
+# them instead of rounding to nearest.
+ROUNDED_KEY = "qcompile.rounded"
 
 
 class QuantDType(str, enum.Enum):
