@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from qcompile.errors import InvalidDataError, UsageError
 from qcompile.verify.sessions import Optimization, Provider, make_session
@@ -44,7 +45,7 @@ class LatencyResult:
 
 
 def measure_latency(
-    models: dict[str, onnx.ModelProto | ir.Model],
+    models: dict[str, onnx.ModelProto | ir.Model | ort.InferenceSession],
     feed: dict[str, np.ndarray],
     *,
     threads: int = 1,
@@ -57,7 +58,8 @@ def measure_latency(
 ) -> dict[str, LatencyResult]:
     """Median and 90th-percentile latency in ms of each model on ``feed``, timed interleaved.
 
-    ``threads`` is the intra-op thread count of every session (inter-op is 1). With
+    ``threads`` is the intra-op thread count of every session (inter-op is 1); a model given as a
+    session is used as it is (it was made with ``make_session``). With
     ``time_budget_s``, rounds stop once the timed rounds took that long and at least ``min_runs``
     ran (each result says how many ran).
     """
@@ -70,7 +72,8 @@ def measure_latency(
 
     # All sessions exist before any timing starts: building one must not disturb another's runs.
     sessions = {
-        name: make_session(model, provider, intra_op_threads=threads, optimization=optimization)
+        name: model if isinstance(model, ort.InferenceSession)
+        else make_session(model, provider, intra_op_threads=threads, optimization=optimization)
         for name, model in models.items()
     }
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -142,13 +145,18 @@ def report_latency(
 ) -> dict[str, Any]:
     """Float vs compiled latency for the compile report: per batch size, interleaved medians and the ratio."""
     rows = []
+    # One session per model for every batch size (the batch dimension is symbolic where it varies).
+    sessions = {
+        "float": make_session(float_model, provider, intra_op_threads=threads),
+        "compiled": make_session(compiled_model, provider, intra_op_threads=threads),
+    }
     for batch in batches:
         feed = batched_feed(sample, fixed, batch)
         if isinstance(feed, str):
             rows.append({"batch": batch, "skipped": feed})
             continue
         results = measure_latency(
-            {"float": float_model, "compiled": compiled_model}, feed, threads=threads, warmup=2,
+            sessions, feed, threads=threads, warmup=2,
             runs=50, provider=provider, time_budget_s=time_budget_s,
         )
         f, c = results["float"], results["compiled"]
