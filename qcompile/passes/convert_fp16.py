@@ -50,7 +50,9 @@ FP16_INPUTS: dict[str, tuple[int, ...] | None] = {
     "Upsample": (0,),
 }
 
+# node.meta[PRECISION_KEY]: (kind, words), kind FP16 or one of the reasons a node stays fp32.
 PRECISION_KEY = "qcompile.precision"
+FP16, NO_FLOAT, NO_RULE, SENSITIVE, OVERFLOW = "fp16", "no_float", "no_rule", "sensitive", "overflow"
 
 
 class ConvertFloat16Pass(ir.passes.InPlacePass):
@@ -66,21 +68,24 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
 
     # -- decisions ---------------------------------------------------------------------------
 
-    def _fp32_reason(self, node: ir.Node) -> str | None:
-        """Why ``node`` stays fp32 (None: it runs in fp16)."""
-        if node.domain not in ("", "ai.onnx") or node.op_type not in FP16_INPUTS:
-            return f"no fp16 rule for {node.op_type}"
-        if node.op_type in self.keep_fp32_ops:
-            return "numerically sensitive: kept fp32 by the target profile"
+    def _fp32_reason(self, node: ir.Node) -> tuple[str, str] | None:
+        """(kind, words) of why ``node`` stays fp32, or None: it runs in fp16.
+
+        kind is one of NO_FLOAT (nothing to convert), NO_RULE, SENSITIVE, OVERFLOW.
+        """
         floats = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype in _FLOATS]
         if not floats or any(v.dtype != ir.DataType.FLOAT for v in floats):
-            return "computes no float32 tensor"
+            return NO_FLOAT, "computes no float32 tensor"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in FP16_INPUTS:
+            return NO_RULE, f"no fp16 rule for {node.op_type}"
+        if node.op_type in self.keep_fp32_ops:
+            return SENSITIVE, "numerically sensitive: kept fp32 by the target profile"
         for value in floats:
             data = constant_array(value)
             peak = float(np.max(np.abs(data))) if data is not None and data.size else self.max_abs.get(value.name, 0.0)
             limit = FP16_MAX if data is not None else self.overflow_limit
             if not np.isfinite(peak) or peak > limit:
-                return f"|{value.name}| reaches {peak:.4g} (fp16 overflows above {FP16_MAX:g}; limit {limit:g})"
+                return OVERFLOW, f"|{value.name}| reaches {peak:.4g} (fp16 overflows above {FP16_MAX:g}; limit {limit:g})"
         return None
 
     # -- the pass ---------------------------------------------------------------------------
@@ -92,14 +97,17 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
         fp16_nodes: set[ir.Node] = set()
         kept: Counter = Counter()
         for node in graph:
-            reason = self._fp32_reason(node)
-            node.meta[PRECISION_KEY] = reason or "fp16"
-            if reason is None:
+            decision = self._fp32_reason(node)
+            node.meta[PRECISION_KEY] = decision or (FP16, "")
+            if decision is None:
                 fp16_nodes.add(node)
-            elif not reason.startswith("computes no float32"):
-                kept[(node.op_type, reason if not reason.startswith("|") else "calibrated values overflow fp16")] += 1
-                if reason.startswith("|"):
-                    add_note(model, f"{node.name}: kept fp32: {reason}")
+                continue
+            kind, words = decision
+            if kind == OVERFLOW:
+                add_note(model, f"{node.name}: kept fp32: {words}")
+                words = "calibrated values overflow fp16"
+            if kind != NO_FLOAT:
+                kept[(node.op_type, words)] += 1
         if not fp16_nodes:
             add_note(model, "no node can run in fp16")
             return ir.passes.PassResult(model, modified=False)
@@ -203,7 +211,7 @@ def precision_summary(model: ir.Model) -> dict[str, int]:
     """Nodes by precision after the pass: "fp16", and "fp32" for the rest that compute floats."""
     counts: Counter = Counter()
     for node in model.graph:
-        decision = node.meta.get(PRECISION_KEY)
-        if decision is not None and not decision.startswith("computes no float32"):
-            counts["fp16" if decision == "fp16" else "fp32"] += 1
+        kind, _ = node.meta.get(PRECISION_KEY, (NO_FLOAT, ""))
+        if kind != NO_FLOAT:
+            counts["fp16" if kind == FP16 else "fp32"] += 1
     return dict(counts)

@@ -8,7 +8,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import qcompile
-from qcompile.passes.convert_fp16 import ConvertFloat16Pass, precision_summary
+from qcompile.passes.convert_fp16 import FP16, OVERFLOW, PRECISION_KEY, ConvertFloat16Pass, precision_summary
 from qcompile.targets import CUDA
 from tests.helpers import count_ops, parse_model, run, sqnr_db
 
@@ -84,7 +84,7 @@ def test_shared_constant_read_by_fp32_and_fp16_nodes_gets_a_copy():
 
 
 # Activations reach ~1e5 inside (beyond fp16's 65504) and come back into range after the scale.
-OVERFLOW = """<ir_version: 8, opset_import: ["" : 17]>
+OVERFLOW_NET = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,16] x) => (float[N,8] y, float[N,8] h) {
   x1 = Add(x, b)
   h = MatMul(x1, w)
@@ -97,7 +97,7 @@ g (float[N,16] x) => (float[N,8] y, float[N,8] h) {
 def overflow_model() -> ir.Model:
     w = np.full((16, 8), 400.0, np.float32) * np.sign(rng.normal(size=(16, 8))).astype(np.float32)
     b, b2 = np.full(16, 0.5, np.float32), np.linspace(-1, 1, 8).astype(np.float32)
-    return parse_model(OVERFLOW, {"w": w, "s": np.array(1e-3, np.float32), "b": b, "b2": b2})
+    return parse_model(OVERFLOW_NET, {"w": w, "s": np.array(1e-3, np.float32), "b": b, "b2": b2})
 
 
 def overflow_feeds(n=4):
@@ -127,10 +127,10 @@ def test_overflow_guard_keeps_large_tensors_in_fp32():
     assert np.abs(reference).max() > 65504  # the model really leaves fp16's range inside
     max_abs = {"x": 300.0, "x1": 300.0, "h": 2e5, "r": 2e5, "m": 200.0, "y": 200.0}
     model = convert(ir.from_proto(ir.to_proto(float_model)), max_abs)
-    by_output = {n.outputs[0].name: n.meta.get("qcompile.precision") for n in model.graph}
-    assert by_output["h"].startswith("|") and by_output["r"].startswith("|")
-    assert by_output["m"].startswith("|")  # it reads r
-    assert by_output["x1"] == "fp16" and by_output["y"] is None  # y is the output Cast
+    by_output = {n.outputs[0].name: n.meta.get(PRECISION_KEY, (None, ""))[0] for n in model.graph}
+    assert by_output["h"] == by_output["r"] == OVERFLOW
+    assert by_output["m"] == OVERFLOW  # it reads r
+    assert by_output["x1"] == FP16 and by_output["y"] is None  # y is the output Cast
     assert count_ops(model)["Cast"] == 4  # x→fp16, x1→fp32 (MatMul), m→fp16 (Add), y→fp32 (output)
     for ref, out in zip(run(float_model, feed), run_fp16_faithfully(model, feed)):
         assert np.isfinite(out).all() and sqnr_db(ref, out) > 60
