@@ -147,6 +147,8 @@ def compile_model(
         raise InternalError(f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
     profile = profile_for(options.target)
+    if profile.overrides:
+        report_notes.append(profile.overrides)
     provider, not_on_target = _verification_provider(profile)
     fusion_json = None
     if profile.precision == Precision.INT8:

@@ -70,6 +70,8 @@ class TargetProfile:
     # An op whose calibrated |x| (inputs or outputs) exceeds this stays fp32: fp16's largest finite
     # value is 65504, and the limit leaves 2x headroom for inputs beyond the calibration data.
     fp16_overflow_limit: float = 32000.0
+    # What the profile overrides in the user's options, for the report ("" where nothing).
+    overrides: str = ""
 
     def to_json(self) -> dict:
         return {
@@ -116,6 +118,7 @@ TENSORRT = TargetProfile(
     int32_bias=False,
     fusions=("int8 Conv/Deconv + bias + activation", "int8 Gemm/MatMul + bias"),
     structure_checks=("quantized_op_inputs_from_dequantize", "zero_points_zero", "int8_only", "opset_13"),
+    overrides="target tensorrt: activations are int8 symmetric and biases float whatever activation_dtype says",
 )
 
 CUDA = TargetProfile(
@@ -132,6 +135,10 @@ CUDA = TargetProfile(
     # op had, so they stay fp32 on both sides; the cost is a Cast around each.
     keep_fp32_ops=("Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
                    "ReduceL2", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf", "CumSum", "TopK"),
+    overrides=(
+        "target cuda: nothing is quantized (the scheme, keep_float and bias correction do not apply); "
+        "calibration measured every float tensor's min/max for the fp16 overflow guard"
+    ),
 )
 
 PROFILES: dict[Target, TargetProfile] = {p.name: p for p in (CPU, CUDA, TENSORRT)}

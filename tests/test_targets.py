@@ -130,6 +130,7 @@ def test_cuda_target_is_fp16_and_says_where_it_was_verified():
     assert ops["QuantizeLinear"] == 0 and ops["Cast"] == 2  # in and out: every node fits fp16
     assert result.report.target["precision"] == {"fp16": 8}
     assert result.report.fusion is None  # no int8 kernels to check
+    assert any(n.startswith("target cuda: nothing is quantized") for n in result.report.notes)
     assert result.report.verification["min_sqnr_db"] > 40
     target = result.report.target
     if cuda_available():
