@@ -23,12 +23,17 @@ from qcompile.graph.queries import opset_version
 from qcompile.options import CompileOptions
 from qcompile.pipeline import CalibrationSummary, PassRunner, compile_ir
 from qcompile.passes.annotate import decision_summary, quantized_node_names
+from qcompile.passes.convert_fp16 import precision_summary
 from qcompile.quant.spec import DECISION_KEY, NOT_FLOAT_DATA
 from qcompile.report.model import CompileReport, FloatNode, QuantizationSummary
+from qcompile.targets import Precision, TargetProfile, profile_for
 from qcompile.verify.analysis import Analysis
 from qcompile.verify.analysis import analyze as analyze_models
 from qcompile.verify.compare import VerificationResult, compare_models
 from qcompile.verify.fusion import check_fusion
+from qcompile.verify.latency import report_latency
+from qcompile.verify.sessions import cuda_available
+from qcompile.verify.structure import check_tensorrt_structure
 
 CalibrationData = str | os.PathLike | FeedSource | Iterable[Any]
 RANDOM = "random"
@@ -49,6 +54,9 @@ class CompileResult:
         fusion = self.report.fusion
         if self.report.options["verification"]["strict_fusion"] and fusion is not None and not fusion["fused"]:
             return f"FAIL: strict fusion: {fusion['summary']}"
+        structure = (self.report.target or {}).get("structure")
+        if structure is not None and not structure["passed"]:
+            return f"FAIL: {structure['summary']}"
         return None
 
     @property
@@ -138,18 +146,30 @@ def compile_model(
     except onnx.checker.ValidationError as exc:
         raise InternalError(f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
-    # What onnxruntime really runs: are the quantized ops fused into int8 kernels?
-    fusion = check_fusion(quant_proto, quantized_by_decision=quantized_node_names(qmodel))
-    fusion_json = {**fusion.to_json(), "summary": fusion.summary()}
+    profile = profile_for(options.target)
+    if profile.overrides:
+        report_notes.append(profile.overrides)
+    provider, not_on_target = _verification_provider(profile)
+    fusion_json = None
+    if profile.precision == Precision.INT8:
+        # What onnxruntime really runs (CPU): are the quantized ops fused into int8 kernels?
+        fusion = check_fusion(quant_proto, quantized_by_decision=quantized_node_names(qmodel))
+        fusion_json = {**fusion.to_json(), "summary": fusion.summary()}
 
     verification = None
     verification_json = None
+    latency_json = None
     if verify_source is not None:
         layer_names = _layer_names(qmodel, float_proto) if options.verification.per_layer else None
         verification = compare_models(
-            float_proto, quant_proto, verify_source, show_progress=options.show_progress, layer_names=layer_names
+            float_proto, quant_proto, verify_source, provider=provider, show_progress=options.show_progress,
+            layer_names=layer_names,
         )
         verification_json = _verdict(verification, options.verification.min_sqnr, verify_desc)
+        if options.verification.latency:
+            fixed = {spec.name: spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None for spec in specs}
+            sample = next(iter(verify_source))
+            latency_json = report_latency(float_proto, quant_proto, sample, fixed, provider=provider)
 
     report = CompileReport(
         qcompile_version=__version__,
@@ -175,6 +195,8 @@ def compile_model(
         },
         verification=verification_json,
         fusion=fusion_json,
+        target=_target_section(profile, provider, not_on_target, qmodel, quant_proto),
+        latency=latency_json,
         notes=report_notes + notes(qmodel),
         warnings=warnings,
         seconds=time.perf_counter() - start,
@@ -196,6 +218,39 @@ def _verdict(result: VerificationResult, min_sqnr: float | None, data_desc: str)
     else:
         out["verdict"] = f"FAIL: lowest output SQNR {result.min_sqnr:.2f} dB < {min_sqnr} dB"
     return out
+
+
+def _verification_provider(profile: TargetProfile) -> tuple[str, str | None]:
+    """The provider that verifies and times the compiled model, and why that is not the target's."""
+    if profile.session_provider == "cpu":
+        return "cpu", None
+    if profile.session_provider == "cuda" and cuda_available():
+        return "cuda", None
+    if profile.session_provider is None:
+        why = f"qcompile's sessions do not run {profile.execution_provider}"
+    else:
+        why = f"onnxruntime's {profile.execution_provider} is absent or unusable on this machine"
+    checks = " plus the structure checks" if profile.structure_checks else ""
+    return "cpu", f"not verified on target: {why}; verified and timed on CPU{checks}"
+
+
+def _target_section(
+    profile: TargetProfile, provider: str, not_on_target: str | None, model: ir.Model, proto: onnx.ModelProto
+) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "name": profile.name.value,
+        "profile": profile.to_json(),
+        "verified_on": provider,
+        "verified_on_target": not_on_target is None,
+        "note": not_on_target,
+    }
+    if profile.precision == Precision.FP16:
+        section["precision"] = precision_summary(model)
+    if profile.structure_checks:
+        kept = frozenset(n.name for n in model.graph if (d := n.meta.get(DECISION_KEY)) is not None and not d.quantized)
+        structure = check_tensorrt_structure(proto, kept)
+        section["structure"] = {**structure.to_json(), "summary": structure.summary()}
+    return section
 
 
 def _calibration_warnings(summary: CalibrationSummary) -> list[str]:

@@ -26,6 +26,7 @@ from qcompile.options import (
     CompileOptions,
     OutputOptions,
     SchemeOptions,
+    Target,
     VerificationOptions,
     WeightGranularity,
     WeightMethod,
@@ -102,6 +103,7 @@ def main() -> None:
 def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
     """The one mapping from CLI flags to option fields."""
     return CompileOptions(
+        target=flags["target"],
         scheme=SchemeOptions(
             activation_dtype=flags["activation_dtype"],
             weight_granularity=flags["weight_granularity"],
@@ -124,6 +126,7 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             min_sqnr=flags["min_sqnr"],
             per_layer=flags["per_layer"],
             strict_fusion=flags["strict_fusion"],
+            latency=not flags["no_latency"],
         ),
         output=OutputOptions(
             max_opset=flags["max_opset"],
@@ -146,6 +149,9 @@ def _choice(enum_cls) -> click.Choice:
               help="Calibration data: a folder of .npz files, a .npz/.npy file, or 'random'.")
 @click.option("--verify-data", type=click.Path(path_type=Path), default=None,
               help="Verification data (same formats); default: a held-out part of the calibration data.")
+@click.option("--target", type=_choice(Target), default=Target.CPU.value, show_default=True,
+              help="What to compile for: cpu (onnxruntime CPU, int8), cuda (onnxruntime CUDA, fp16), "
+                   "tensorrt (explicit-quantization int8 Q/DQ).")
 @click.option("--activation-dtype", type=_choice(ActivationDType), default=ActivationDType.UINT8.value, show_default=True)
 @click.option("--weight-granularity", type=_choice(WeightGranularity), default=WeightGranularity.PER_CHANNEL.value, show_default=True)
 @click.option("--keep-float", multiple=True, help="Node name, name pattern (fnmatch) or op type to keep in float. Repeatable.")
@@ -170,6 +176,7 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--per-layer", is_flag=True, help="Report SQNR of every quantized tensor.")
 @click.option("--no-verify", is_flag=True, help="Skip verification.")
 @click.option("--strict-fusion", is_flag=True, help="Fail (exit 5) when onnxruntime leaves a quantized op unfused.")
+@click.option("--no-latency", is_flag=True, help="Skip timing float vs compiled for the report.")
 @click.option("--max-opset", type=int, default=None, help="Highest opset the output may use.")
 @click.option("--no-contrib-ops", is_flag=True, help="The output may use only the default ONNX domain.")
 @click.option("--keep-node-metadata", is_flag=True, help="Keep the exporter's per-node metadata and doc strings.")

@@ -30,6 +30,17 @@ class ActivationDType(str, enum.Enum):
     INT8 = "int8"
 
 
+class Target(str, enum.Enum):
+    """What the model is compiled for (``qcompile/targets.py`` holds each target's profile).
+
+    ``--provider`` elsewhere means where a model is *run*; the target is what it is *built* for.
+    """
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
 class WeightGranularity(str, enum.Enum):
     PER_CHANNEL = "per_channel"
     PER_TENSOR = "per_tensor"
@@ -160,6 +171,9 @@ class VerificationOptions:
     max_samples: int | None = None
     # Fail the compile (exit code 5) when a quantized op is not fused into an int8 kernel.
     strict_fusion: bool = False
+    # Time float vs compiled on the target's provider (batch 1 and 8, interleaved medians) for the
+    # report; a few seconds at most (``verify/latency.py``, ``LATENCY_BUDGET_S``).
+    latency: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -187,6 +201,9 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class CompileOptions:
+    # What the model is compiled for; its profile (``qcompile/targets.py``) decides the scheme's
+    # types and where Q/DQ go, or that float parts become fp16 (cuda).
+    target: Target = Target.CPU
     scheme: SchemeOptions = field(default_factory=SchemeOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     verification: VerificationOptions = field(default_factory=VerificationOptions)
@@ -196,6 +213,7 @@ class CompileOptions:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _enum_field(Target, self.target, "target"))
         object.__setattr__(self, "dump_ir_after", tuple(self.dump_ir_after))
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ report. Ordering constraints are stated beside each entry.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import sys
@@ -24,10 +25,12 @@ from qcompile.calibration.collect import calibrate
 from qcompile.calibration.observers import make_observer
 from qcompile.graph.notes import notes
 from qcompile.graph.queries import node_count
-from qcompile.options import CalibrationOptions, CompileOptions, WeightRounding
+from qcompile.options import CalibrationMethod, CalibrationOptions, CompileOptions, WeightRounding
 from qcompile.passes import (
     AnnotatePass,
+    AnnotateRangesPass,
     AssignQParamsPass,
+    ConvertFloat16Pass,
     CorrectBiasPass,
     DecomposeBatchNormPass,
     DeriveBiasPass,
@@ -40,10 +43,12 @@ from qcompile.passes import (
     RemoveDropoutPass,
     RoundWeightsPass,
 )
+from qcompile.passes.annotate_ranges import max_abs_from_qparams
 from qcompile.passes.insert_observers import activation_groups, group_specs
 from qcompile.passes.round_weights import MAX_BATCHES as ROUNDING_BATCHES
 from qcompile.quant.qparams import QParams
 from qcompile.report.model import PassRecord
+from qcompile.targets import Precision, TargetProfile, profile_for
 
 Feed = dict[str, np.ndarray]
 
@@ -102,11 +107,27 @@ def finalize_passes(
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]
-    if not options.output.keep_node_metadata:
-        # Exporters attach stack traces and module paths to every node (a third of a small
-        # model's file); a deployment artifact does not need them. Model metadata is kept.
-        passes.append(("strip_node_metadata", common_passes.ClearMetadataAndDocStringPass()))
-    return passes
+    return passes + _strip_metadata(options)
+
+
+def fp16_passes(max_abs: dict[str, float], profile: TargetProfile, options: CompileOptions) -> list[tuple[str, ir.passes.PassBase]]:
+    """After range calibration (fp16 targets): float parts to fp16, fp32 where they would overflow."""
+    convert = ConvertFloat16Pass(max_abs, profile.keep_fp32_ops, profile.fp16_overflow_limit)
+    passes = [
+        ("convert_fp16", convert),
+        ("remove_unused_after_fp16", common_passes.RemoveUnusedNodesPass()),
+        # Casts are inserted after their producers; the order is made whole again.
+        ("sort_after_fp16", common_passes.TopologicalSortPass()),
+    ]
+    return passes + _strip_metadata(options)
+
+
+def _strip_metadata(options: CompileOptions) -> list[tuple[str, ir.passes.PassBase]]:
+    if options.output.keep_node_metadata:
+        return []
+    # Exporters attach stack traces and module paths to every node (a third of a small
+    # model's file); a deployment artifact does not need them. Model metadata is kept.
+    return [("strip_node_metadata", common_passes.ClearMetadataAndDocStringPass())]
 
 
 class PassRunner:
@@ -226,19 +247,25 @@ def calibration_cache_key(
 
 
 def calibration_stage(
-    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
+    model: ir.Model,
+    feeds: Iterable[dict[str, np.ndarray]],
+    total: int | None,
+    runner: PassRunner,
+    calibration: CalibrationOptions | None = None,
 ) -> tuple[dict[str, QParams], CalibrationSummary]:
     """insert_observers + calibrate on the annotated ``model``, or the ranges from the cache.
 
     With ``options.calibration.cache``: the key is computed first (after annotation, before any
     model run); a matching file skips the observation model and the data pass, a file made for
     another key is refused (UsageError) before any work, an absent one is written after calibrating.
+    ``calibration`` replaces ``options.calibration`` (the fp16 path forces min/max).
     """
     options = runner.options
-    cache_path, cache_key, cached = options.calibration.cache, None, None
+    calibration = calibration or options.calibration
+    cache_path, cache_key, cached = calibration.cache, None, None
     start = time.perf_counter()
     if cache_path is not None:
-        cache_key = calibration_cache_key(model, feeds, options.calibration)
+        cache_key = calibration_cache_key(model, feeds, calibration)
         cached = calibration_cache.read_cache(cache_path, cache_key, group_specs(model))
     if cached is not None:
         summary = CalibrationSummary(
@@ -257,12 +284,12 @@ def calibration_stage(
     # Observation model: a copy exposing every annotated activation (the annotated IR is kept).
     observation = runner.run_one(model, "insert_observers", InsertObserversPass()).model
     activation_qparams, summary = calibrate_activations(
-        model, observation, feeds, show_progress=options.show_progress, total=total, options=options.calibration
+        model, observation, feeds, show_progress=options.show_progress, total=total, options=calibration
     )
     del observation
     detail = [
         f"{summary.samples} samples in {summary.feeds} batches; {summary.tensors} tensors in "
-        f"{summary.groups} qparams groups; ranges by {options.calibration.method.value}"
+        f"{summary.groups} qparams groups; ranges by {calibration.method.value}"
     ]
     if cache_key is not None:
         calibration_cache.write_cache(cache_path, cache_key, activation_qparams, feeds=summary.feeds, samples=summary.samples)
@@ -280,11 +307,14 @@ def compile_ir(
     ``model`` is modified in place and returned.
     """
     options = runner.options
+    profile = profile_for(options.target)
     model = runner.run(model, cleanup_passes(options))
+    if profile.precision == Precision.FP16:
+        return _compile_fp16(model, calibration_feeds, total, runner, profile)
     # Bias correction compares against the cleaned float model (same tensor names and meanings).
     batches = options.calibration.bias_correction_batches
     reference = ir.to_proto(model) if batches else None
-    model = runner.run(model, [("annotate", AnnotatePass(options.scheme))])
+    model = runner.run(model, [("annotate", AnnotatePass(options.scheme, profile))])
     # After annotation: observers are per annotated group, and the cache key hashes the annotated model.
     activation_qparams, summary = calibration_stage(model, calibration_feeds, total, runner)
     summary.zero_range = tuple(group for group, qparams in activation_qparams.items() if qparams.zero_range)
@@ -296,4 +326,17 @@ def compile_ir(
         # After placement: it measures the quantized model as it will run.
         feeds = list(itertools.islice(iter(calibration_feeds), batches))
         model = runner.run(model, [("correct_bias", CorrectBiasPass(reference, feeds))])
+    return model, summary
+
+
+def _compile_fp16(
+    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner, profile: TargetProfile
+) -> tuple[ir.Model, CalibrationSummary]:
+    """clean up → mark every float tensor → calibrate its range → fp16 with fp32 where it would overflow."""
+    options = runner.options
+    model = runner.run(model, [("annotate_ranges", AnnotateRangesPass())])
+    # Overflow is about the largest value seen, not a clipped range: min/max whatever the method.
+    calibration = dataclasses.replace(options.calibration, method=CalibrationMethod.MINMAX)
+    qparams, summary = calibration_stage(model, feeds, total, runner, calibration)
+    model = runner.run(model, fp16_passes(max_abs_from_qparams(qparams), profile, options))
     return model, summary

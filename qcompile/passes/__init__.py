@@ -1,7 +1,9 @@
 """Compiler passes on onnx-ir, one per module. The pipeline (``qcompile.pipeline``) orders them."""
 
 from qcompile.passes.annotate import AnnotatePass
+from qcompile.passes.annotate_ranges import AnnotateRangesPass
 from qcompile.passes.assign_qparams import AssignQParamsPass
+from qcompile.passes.convert_fp16 import ConvertFloat16Pass
 from qcompile.passes.correct_bias import CorrectBiasPass
 from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
 from qcompile.passes.derive_bias import DeriveBiasPass
@@ -17,7 +19,9 @@ from qcompile.passes.remove_dropout import RemoveDropoutPass
 
 __all__ = [
     "AnnotatePass",
+    "AnnotateRangesPass",
     "AssignQParamsPass",
+    "ConvertFloat16Pass",
     "CorrectBiasPass",
     "DecomposeBatchNormPass",
     "DeriveBiasPass",

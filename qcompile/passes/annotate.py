@@ -18,6 +18,11 @@ Rules (from ``op_rules``), applied in topological order:
 5. Tensors that must share qparams are put in one group: SHARED outputs with their input, Concat
    inputs with its output.
 
+The target profile (``qcompile/targets.py``) narrows these rules as data: its ``quantized_ops``
+(when set) are the only ops quantized, its ``placement`` OP_INPUTS quantizes inputs only (no output
+Q/DQ; TensorRT), its ``int32_bias`` False leaves biases float, and its activation type and symmetry
+replace the scheme's.
+
 Precondition: shape inference has run (dtypes are known) and the graph is topologically sorted.
 """
 
@@ -31,6 +36,7 @@ import onnx_ir as ir
 from qcompile.graph.queries import constant_array
 from qcompile.options import ActivationDType, SchemeOptions, WeightGranularity
 from qcompile.passes.op_rules import OpKind, OpRule, rule_for, weight_axis_for
+from qcompile.targets import CPU, QDQPlacement, TargetProfile
 from qcompile.quant.spec import (
     ANNOTATION_KEY,
     DECISION_KEY,
@@ -77,11 +83,13 @@ class _Groups:
 
 
 class AnnotatePass(ir.passes.InPlacePass):
-    def __init__(self, scheme: SchemeOptions) -> None:
+    def __init__(self, scheme: SchemeOptions, profile: TargetProfile = CPU) -> None:
         super().__init__()
         self.scheme = scheme
-        dtype = QuantDType.UINT8 if scheme.activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
-        self._activation_spec = QuantSpec(dtype, symmetric=False)
+        self.profile = profile
+        activation_dtype = profile.activation_dtype or scheme.activation_dtype
+        dtype = QuantDType.UINT8 if activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
+        self._activation_spec = QuantSpec(dtype, symmetric=profile.activation_symmetric)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -102,6 +110,9 @@ class AnnotatePass(ir.passes.InPlacePass):
         user = self._kept_float_by_user(node)
         if user:
             return user
+        quantized_ops = self.profile.quantized_ops
+        if quantized_ops is not None and node.op_type not in quantized_ops:
+            return f"target {self.profile.name.value} quantizes only the inputs of {'/'.join(quantized_ops)}"
         if not rule.int8_kernel:
             return f"onnxruntime has no int8 {node.op_type} kernel: quantizing it would only add Q/DQ work"
         data = node.inputs[0] if node.inputs else None
@@ -138,6 +149,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         return wanted
 
     def _quantize_output(self, rule: OpRule, value: ir.Value, wanted: dict[ir.Node, bool]) -> bool:
+        if self.profile.placement == QDQPlacement.OP_INPUTS:
+            return False  # the next quantized op quantizes it as its input
         consumers = [use.node for use in value.uses()]
         if not consumers and not value.is_graph_output():
             return False
@@ -269,6 +282,7 @@ class AnnotatePass(ir.passes.InPlacePass):
                 mark_activation(value)
         if (
             weight_value is not None
+            and self.profile.int32_bias
             and rule.bias_input is not None
             and rule.bias_input < len(inputs)
             and inputs[rule.bias_input] is not None

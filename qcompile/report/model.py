@@ -95,6 +95,11 @@ class CompileReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     fusion: dict[str, Any] | None = None
+    # The target profile, where it was verified (and "not verified on target" with why), its
+    # structure check (tensorrt) and precision counts (fp16).
+    target: dict[str, Any] | None = None
+    # Float vs compiled latency on the verification provider (``verify/latency.py report_latency``).
+    latency: dict[str, Any] | None = None
     output_path: str | None = None
     seconds: float = 0.0
 
@@ -119,8 +124,10 @@ class CompileReport:
             },
             "output_model": {"opset": self.opset, "domains": self.domains, "ops": dict(sorted(self.output_ops.items()))},
             "calibration": self.calibration,
+            "target": self.target,
             "fusion": self.fusion,
             "verification": self.verification,
+            "latency": self.latency,
             "seconds": round(self.seconds, 3),
         }
 

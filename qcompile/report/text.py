@@ -83,11 +83,13 @@ def render_text(report: CompileReport) -> str:
     lines.append(f"{cal.get('source', '?')}: {cal.get('samples')} samples in {cal.get('feeds')} batches, {cal.get('seconds', 0):.2f} s")
     lines.append(f"fingerprint {cal.get('fingerprint', '')[:16]}…")
 
+    lines += _target_lines(report.target)
     if report.fusion is not None:
         lines += ["", "Fusion"]
         lines.append(report.fusion.get("summary", ""))
     lines += ["", "Verification"]
     lines += _verification_lines(report.verification)
+    lines += _latency_lines(report.latency)
     lines += ["", f"compiled in {report.seconds:.2f} s"]
     return "\n".join(lines)
 
@@ -118,3 +120,31 @@ def _layers(ver: dict) -> list[str]:
         return []
     rows = [[layer["name"], _fmt(layer.get("sqnr_db")), _fmt(layer.get("cosine"))] for layer in layers]
     return ["", "per-layer SQNR (graph order)"] + _table(["tensor", "SQNR dB", "cosine"], rows)
+
+
+def _target_lines(target: dict | None) -> list[str]:
+    if target is None:
+        return []
+    lines = ["", "Target", f"{target['name']}: {target['profile']['description']}"]
+    lines.append(target["note"] or f"verified on target ({target['verified_on']})")
+    precision = target.get("precision")
+    if precision:
+        lines.append(f"nodes: {precision.get('fp16', 0)} fp16, {precision.get('fp32', 0)} fp32")
+    structure = target.get("structure")
+    if structure:
+        lines.append(structure["summary"])
+    return lines
+
+
+def _latency_lines(latency: dict | None) -> list[str]:
+    if latency is None:
+        return []
+    lines = ["", f"Latency ({latency['provider']}, {latency['threads']} thread(s), medians of interleaved runs)"]
+    rows = []
+    for row in latency["batches"]:
+        if "skipped" in row:
+            rows.append([str(row["batch"]), "-", "-", f"skipped: {row['skipped']}"])
+        else:
+            rows.append([str(row["batch"]), _fmt(row["float_median_ms"]), _fmt(row["compiled_median_ms"]),
+                         f"{_fmt(row['speedup'])}x over {row['runs']} runs"])
+    return lines + _table(["batch", "float ms", "compiled ms", "speedup"], rows)

@@ -44,6 +44,7 @@ def make_session(
     *,
     intra_op_threads: int | None = None,
     optimization: Optimization = "all",
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` on ``provider`` ("cpu" or "cuda").
 
@@ -51,7 +52,8 @@ def make_session(
     handed to onnxruntime as is, so external data next to it is found). ``intra_op_threads=None``
     leaves onnxruntime's default (one thread per physical core). ``optimization`` is the graph
     optimization level: "all" runs what a deployment runs (QDQ pairs fused into int8 kernels),
-    "disabled" runs the graph exactly as written.
+    "disabled" runs the graph exactly as written. ``profile_prefix``: onnxruntime profiles every
+    run into a JSON file with that prefix (``session.end_profiling()`` returns its path).
 
     Raises ``UsageError`` for an unknown provider or level, or when CUDA is asked for and not
     usable, and ``InvalidModelError`` when onnxruntime refuses the model.
@@ -72,6 +74,9 @@ def make_session(
         so.intra_op_num_threads = intra_op_threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization]
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
 
     if provider == "cuda":
         _require_cuda_build()

@@ -24,3 +24,8 @@ def test_latency_argument_errors():
         measure_latency({"m": mlp()}, feed, runs=0)
     with pytest.raises(InvalidDataError, match="'m'"):
         measure_latency({"m": mlp()}, {"x": np.zeros((1, 3), np.float32)}, warmup=0, runs=1)
+
+
+def test_time_budget_stops_after_min_runs():
+    results = measure_latency({"m": mlp()}, feeds(1)[0], warmup=0, runs=1000, time_budget_s=0.0, min_runs=4)
+    assert results["m"].runs == 4
