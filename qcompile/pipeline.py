@@ -35,6 +35,7 @@ from qcompile.passes import (
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
+    QuantizeDynamicMatMulPass,
     ReduceMeanToGlobalPoolPass,
     RemoveDropoutPass,
 )
@@ -88,6 +89,9 @@ def finalize_passes(
         # the weights with the final scales.
         ("derive_bias", DeriveBiasPass()),
         ("place_qdq", PlaceQDQPass()),
+        # After placement (it rewrites the placed Q → DQ → MatMul), before remove_unused (which
+        # drops the static Q/DQ pairs it leaves unread).
+        *([("quantize_dynamic_matmul", QuantizeDynamicMatMulPass())] if options.scheme.dynamic_matmul else []),
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]

@@ -9,6 +9,7 @@ from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
+from qcompile.passes.quantize_dynamic_matmul import QuantizeDynamicMatMulPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
 
@@ -22,6 +23,7 @@ __all__ = [
     "FoldBatchNormPass",
     "InsertObserversPass",
     "PlaceQDQPass",
+    "QuantizeDynamicMatMulPass",
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
 ]
