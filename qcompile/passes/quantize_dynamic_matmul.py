@@ -67,7 +67,7 @@ class QuantizeDynamicMatMulPass(ir.passes.InPlacePass):
         if rewritten:
             add_note(
                 model,
-                f"quantize_dynamic_matmul: {rewritten} MatMul(s) quantize their input at run time "
+                f"{rewritten} MatMul(s) quantize their input at run time "
                 f"({len(dynamic)} DynamicQuantizeLinear); {bypassed} static Q/DQ pair(s) left feeding only float ops removed",
             )
         return ir.passes.PassResult(model, modified=rewritten > 0)
@@ -110,6 +110,9 @@ class QuantizeDynamicMatMulPass(ir.passes.InPlacePass):
                         name=self._fresh(f"{base}_scale_Mul"))
         rescale = ir.node("Mul", [cast.outputs[0], scale.outputs[0]],
                           outputs=[self._value(f"{base}_rescaled", ir.DataType.FLOAT, out.shape)], name=self._fresh(f"{base}_Mul"))
+        # The report lists it among the quantized nodes (as MatMulInteger, what the file holds).
+        if DECISION_KEY in matmul.meta:
+            integer.meta[DECISION_KEY] = matmul.meta[DECISION_KEY]
         new_nodes, old_nodes, result = [integer, cast, scale, rescale], [matmul], rescale.outputs[0]
         add, bias = _bias_add(matmul)
         if add is not None:
