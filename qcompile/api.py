@@ -286,8 +286,10 @@ def _quantization_summary(model: ir.Model) -> QuantizationSummary:
     float_nodes = [FloatNode(name, op, reason, reason == NOT_FLOAT_DATA) for name, op, reason in left_float]
     kinds: Counter = Counter()
     for node in model.graph:
-        if node.op_type == "QuantizeLinear":
+        if node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
             kinds["activations"] += 1
+        elif node.op_type == "MatMulInteger" and node.inputs[1].const_value is not None:
+            kinds["weights"] += 1  # quantize_dynamic_matmul's: read as int8, with no DequantizeLinear
         elif node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
             dtype = node.inputs[0].dtype
             kinds[{ir.DataType.INT8: "weights", ir.DataType.INT32: "biases"}.get(dtype, "constants")] += 1

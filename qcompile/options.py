@@ -91,6 +91,10 @@ class SchemeOptions:
     weight_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
     # Node names, fnmatch patterns over node names, or op types that stay float.
     keep_float: tuple[str, ...] = ()
+    # A MatMul (constant weight) whose input comes from a float op quantizes that input at run time
+    # (DynamicQuantizeLinear, fused by onnxruntime into DynamicQuantizeMatMul / MatMulIntegerToFloat
+    # with the bias) instead of through a standalone calibrated QuantizeLinear. uint8 activations only.
+    dynamic_matmul: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation_dtype", ActivationDType(self.activation_dtype))

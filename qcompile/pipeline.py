@@ -39,6 +39,7 @@ from qcompile.passes import (
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
+    QuantizeDynamicMatMulPass,
     ReduceMeanToGlobalPoolPass,
     RemoveDropoutPass,
     RoundWeightsPass,
@@ -104,6 +105,9 @@ def finalize_passes(
         # After derive_bias (final weight scales), before placement (which stores the integers).
         *([("round_weights", RoundWeightsPass(rounding_feeds, options.calibration.seed))] if optimized else []),
         ("place_qdq", PlaceQDQPass()),
+        # After placement (it rewrites the placed Q → DQ → MatMul), before remove_unused (which
+        # drops the static Q/DQ pairs it leaves unread).
+        *([("quantize_dynamic_matmul", QuantizeDynamicMatMulPass())] if options.scheme.dynamic_matmul else []),
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]

@@ -12,6 +12,7 @@ from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
+from qcompile.passes.quantize_dynamic_matmul import QuantizeDynamicMatMulPass
 from qcompile.passes.quantize_int4_weights import QuantizeInt4WeightsPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
 from qcompile.passes.round_weights import RoundWeightsPass
@@ -30,6 +31,7 @@ __all__ = [
     "FoldBatchNormPass",
     "InsertObserversPass",
     "PlaceQDQPass",
+    "QuantizeDynamicMatMulPass",
     "QuantizeInt4WeightsPass",
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",

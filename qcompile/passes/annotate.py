@@ -7,7 +7,12 @@ Rules (from ``op_rules``), applied in topological order:
 2. COMPUTE / ELEMENTWISE / UNARY nodes are quantized: their activation inputs get an activation spec
    (a graph input or a float node's output becomes a float→int boundary), constant weights a
    symmetric int8 spec (per output channel by default), constant operands of Add/Mul a per-tensor
-   spec of the activation type, and a constant 1-D bias a derived int32 spec.
+   spec of the activation type, and a constant 1-D bias a derived int32 spec. Two exceptions, both
+   for speed on onnxruntime's CPU provider: an Add/Mul none of whose operands comes from an int8
+   op stays float (a QuantizeLinear per operand costs more than the float op, and quantizing GELU's
+   Add/Mul keeps onnxruntime from fusing it into one Gelu kernel); a Conv/Gemm/MatMul without a
+   constant weight (attention's activation × activation MatMuls) stays float (each operand would need
+   its own QuantizeLinear, and the int8 kernel measured slower than float on MiniLM).
 3. SHARED (data movement) and FUSABLE_ACTIVATION (Relu, Clip) nodes are quantized only when their
    input is; CONCAT when any input is. ELEMENTWISE, SHARED and FUSABLE_ACTIVATION nodes are
    quantized only when some consumer runs in int8 (decided from the outputs back): otherwise
@@ -52,6 +57,14 @@ from qcompile.quant.spec import (
 
 _DIRECT_KINDS = (OpKind.COMPUTE, OpKind.ELEMENTWISE, OpKind.UNARY)
 ONLY_FLOAT_CONSUMERS = "its output feeds only float ops: quantizing it would only add Q/DQ work"
+NO_INT8_OPERAND = (
+    "no operand comes from an int8 op: a QuantizeLinear per operand costs more than the float op "
+    "(and splits fusable float patterns such as GELU)"
+)
+ACTIVATION_MATMUL = (
+    "no constant weight (an activation × activation product, as in attention): each operand would "
+    "need its own QuantizeLinear, and onnxruntime's int8 kernel measured slower than float"
+)
 
 
 
@@ -115,6 +128,8 @@ class AnnotatePass(ir.passes.InPlacePass):
             return f"target {self.profile.name.value} quantizes only the inputs of {'/'.join(quantized_ops)}"
         if not rule.int8_kernel:
             return f"onnxruntime has no int8 {node.op_type} kernel: quantizing it would only add Q/DQ work"
+        if rule.weight_input is not None and not any(constant_array(v) is not None for v in node.inputs if v is not None):
+            return ACTIVATION_MATMUL
         data = node.inputs[0] if node.inputs else None
         if data is None or data.dtype != ir.DataType.FLOAT:
             dtype = None if data is None else data.dtype
@@ -191,7 +206,9 @@ class AnnotatePass(ir.passes.InPlacePass):
                 reason = ONLY_FLOAT_CONSUMERS
             elif reason is None:
                 assert rule is not None
-                if rule.kind in _DIRECT_KINDS or _is_table_lookup(node):
+                if rule.kind == OpKind.ELEMENTWISE and not _has_int8_operand(node):
+                    reason = NO_INT8_OPERAND
+                elif rule.kind in _DIRECT_KINDS or _is_table_lookup(node):
                     quantized = True
                 elif rule.kind == OpKind.CONCAT and any(constant_array(v) is not None for v in node.inputs):
                     reason = "a constant Concat input cannot share the calibrated scale"
@@ -323,6 +340,16 @@ def _constant_after_float_output(node: ir.Node) -> bool:
     producer = others[0].producer()
     rule = rule_for(producer.op_type, producer.domain)
     return rule is not None and rule.float_output_ok
+
+
+def _has_int8_operand(node: ir.Node) -> bool:
+    """Some non-constant operand is produced by a node already decided quantized (its output is int8).
+
+    Rule 2's exception for Add/Mul: an operand from a float op (Erf, LayerNormalization, a graph
+    input) needs a standalone QuantizeLinear, so QLinearAdd/QLinearMul costs more than the float op
+    it replaces; a residual Add of two int8 Conv outputs costs nothing extra.
+    """
+    return any(v is not None and constant_array(v) is None and _from_quantized_node(v) for v in node.inputs)
 
 
 def _is_table_lookup(node: ir.Node) -> bool:

@@ -8,7 +8,10 @@ builds a session for the target, saves the optimized graph, and classifies what 
 - a DequantizeLinear / QuantizeLinear at a float↔int boundary (model input/output, or next to an op
   that is float by decision) is expected;
 - an op whose inputs come from a DequantizeLinear and whose output goes into a QuantizeLinear is an
-  *unfused* op: it runs in float inside a quantized region.
+  *unfused* op: it runs in float inside a quantized region;
+- a MatMulInteger left standalone is unfused too: the dynamic-quantization form
+  (``quantize_dynamic_matmul``) is written to become MatMulIntegerToFloat / DynamicQuantizeMatMul,
+  and where it does not, its int32 result is converted and scaled by separate float ops.
 
 Uses ``ORT_ENABLE_EXTENDED`` (the QDQ fusions run at that level; ALL adds hardware-specific layout
 changes that do not change what is fused).
@@ -76,7 +79,7 @@ def _is_integer_kernel(node: onnx.NodeProto) -> bool:
     name = node.op_type
     return (
         name.startswith("QLinear")
-        or name in ("QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger", "MatMulInteger")
+        or name in ("QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger")
         or (name.startswith("Nhwc") and "QLinear" in name)
     )
 
@@ -118,6 +121,10 @@ def check_fusion(
     float_between: Counter = Counter()
     unfused_names: list[str] = []
     for node in graph.node:
+        if node.op_type == "MatMulInteger":
+            unfused[node.op_type] += 1
+            unfused_names.append(node.name)
+            continue
         if node.op_type in _QDQ or _is_integer_kernel(node):
             continue
         reads_dq = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input)

@@ -175,3 +175,63 @@ def test_conv_transpose_weight_axis(group, expected_axis):
     ann, _ = annotate(model)
     assert ann["w"].spec.axis == expected_axis
     assert isinstance(ann["b"], BiasAnnotation)
+
+
+GELU_FFN = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,6,16] x) => (float[1,6,16] y) {
+  m = MatMul(x, w1)
+  h = Add(m, b1)
+  d = Div(h, sqrt2)
+  e = Erf(d)
+  e1 = Add(e, one)
+  g1 = Mul(h, e1)
+  g2 = Mul(g1, half)
+  y = MatMul(g2, w2)
+}"""
+
+
+def test_gelu_add_mul_without_int8_operand_stay_float():
+    """Erf's output and the float bias Add feed GELU's Add/Mul: no operand is int8, so they stay float."""
+    from qcompile.passes.annotate import NO_INT8_OPERAND
+
+    model = parse_model(
+        GELU_FFN,
+        dict(
+            w1=rng.normal(size=(16, 16)).astype(np.float32), b1=rng.normal(size=16).astype(np.float32),
+            sqrt2=np.array(1.4142135, np.float32), one=np.array(1.0, np.float32), half=np.array(0.5, np.float32),
+            w2=rng.normal(size=(16, 16)).astype(np.float32),
+        ),
+    )
+    ann, _ = annotate(model)
+    elementwise = [n for n in model.graph if n.op_type in ("Add", "Mul")]
+    assert len(elementwise) == 4
+    # The bias Add feeds no int8 op; GELU's Add and Muls have no int8 operand.
+    reasons = [n.meta[DECISION_KEY].reason for n in elementwise]
+    assert reasons.count(NO_INT8_OPERAND) == 3
+    assert not any(n.meta[DECISION_KEY].quantized for n in elementwise)
+    # One float→int boundary, before the second MatMul; nothing inside the GELU is rounded.
+    assert isinstance(ann["g2"], ActivationAnnotation)
+    assert all(ann[name] is None for name in ("h", "e", "e1", "g1"))
+
+
+def test_activation_times_activation_matmul_stays_float():
+    """Attention's Q·Kᵀ: no constant weight, so no int8 MatMul and no Q/DQ on either operand."""
+    from qcompile.passes.annotate import ACTIVATION_MATMUL
+
+    model = parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,6,16] x) => (float[1,6,16] y) {
+          q = MatMul(x, wq)
+          k = MatMul(x, wk)
+          kt = Transpose <perm=[0,2,1]> (k)
+          s = MatMul(q, kt)
+          y = MatMul(s, x)
+        }""",
+        dict(wq=rng.normal(size=(16, 16)).astype(np.float32), wk=rng.normal(size=(16, 16)).astype(np.float32)),
+    )
+    ann, _ = annotate(model)
+    by_output = {n.outputs[0].name: n.meta[DECISION_KEY] for n in model.graph}
+    assert by_output["q"].quantized and by_output["k"].quantized
+    assert by_output["s"].reason == ACTIVATION_MATMUL and by_output["y"].reason == ACTIVATION_MATMUL
+    assert not by_output["kt"].quantized
+    assert ann["q"] is None and ann["k"] is None and ann["kt"] is None

@@ -116,3 +116,22 @@ def test_op_table_ops_fuse_on_cpu(op):
     report = check_fusion(to_proto(model))
     assert report.fused, report.summary()
     assert report.kernels["QLinearConv"] >= 2
+
+
+def test_a_standalone_matmul_integer_is_unfused():
+    """MatMulInteger whose int32 result is not scaled by the Mul onnxruntime matches: Cast and Mul run in float."""
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"], name="the_matmul"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["accf", "ws"], ["y"]),  # not Mul(·, Mul(x scale, w scale)): no fusion
+    ]
+    inits = [
+        numpy_helper.from_array(rng.integers(-127, 128, size=(8, 4)).astype(np.int8), "w"),
+        numpy_helper.from_array(np.float32(0.01), "ws"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, [3, 8])], [helper.make_tensor_value_info("y", 1, [3, 4])], inits
+    )
+    report = check_fusion(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert not report.fused and report.unfused_ops == {"MatMulInteger": 1} and report.unfused_nodes == ("the_matmul",)
