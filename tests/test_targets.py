@@ -148,6 +148,7 @@ def test_cuda_target_verifies_on_cuda():
     assert result.report.verification["provider"] == "cuda"
     assert result.report.target["verified_on_target"] is True
     assert result.report.latency["provider"] == "cuda"
+    assert result.report.target["placement"]["memcpy_nodes"] == 0
 
 
 # -- report: target and latency --------------------------------------------------------------
