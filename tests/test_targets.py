@@ -15,7 +15,7 @@ from qcompile.targets import PROFILES, Precision, profile_for
 from qcompile.verify.latency import batched_feed
 from qcompile.verify.sessions import cuda_available
 from qcompile.verify.structure import check_tensorrt_structure
-from tests.helpers import count_ops, parse_model, sqnr_db, to_proto
+from tests.helpers import count_ops, parse_model, to_proto
 
 RESIDUAL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] x) => (float[N,5] y) {
