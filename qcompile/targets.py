@@ -137,8 +137,8 @@ CUDA = TargetProfile(
     keep_fp32_ops=("Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
                    "ReduceL2", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "CumSum", "TopK"),
     overrides=(
-        "target cuda: nothing is quantized (the scheme, keep_float and bias correction do not apply); "
-        "calibration measured every float tensor's min/max for the fp16 overflow guard"
+        "target cuda: nothing is quantized (the scheme's types and bias correction do not apply; keep_float "
+        "keeps nodes in fp32); calibration measured every float tensor's min/max for the fp16 overflow guard"
     ),
 )
 

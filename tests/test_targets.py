@@ -140,6 +140,14 @@ def test_cuda_target_is_fp16_and_says_where_it_was_verified():
         assert "CUDAExecutionProvider" in target["note"]
 
 
+def test_keep_float_keeps_cuda_nodes_in_fp32():
+    result = compile_for("cuda", scheme=qcompile.SchemeOptions(keep_float=("Gemm",)))
+    assert result.report.target["precision"] == {"fp16": 7, "fp32": 1}
+    gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    weights = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert weights[gemm.input[1]] == onnx.TensorProto.FLOAT
+
+
 @pytest.mark.gpu
 def test_cuda_target_verifies_on_cuda():
     if not cuda_available():

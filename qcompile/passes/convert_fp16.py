@@ -25,6 +25,7 @@ missing from it (never observed) is treated as fitting; calibration observes eve
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from collections.abc import Mapping
 
@@ -62,7 +63,11 @@ FP16, NO_FLOAT, NO_RULE, SENSITIVE, OVERFLOW = "fp16", "no_float", "no_rule", "s
 
 class ConvertFloat16Pass(ir.passes.InPlacePass):
     def __init__(
-        self, max_abs: Mapping[str, float], keep_fp32_ops: tuple[str, ...] = (), overflow_limit: float = 32000.0
+        self,
+        max_abs: Mapping[str, float],
+        keep_fp32_ops: tuple[str, ...] = (),
+        overflow_limit: float = 32000.0,
+        keep_float: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         if not 0 < overflow_limit <= FP16_MAX:
@@ -70,6 +75,8 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
         self.max_abs = max_abs
         self.keep_fp32_ops = frozenset(keep_fp32_ops)
         self.overflow_limit = overflow_limit
+        # The user's keep_float (op types, node names, fnmatch patterns) keeps nodes in fp32.
+        self.keep_float = tuple(keep_float)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -81,6 +88,9 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
         floats = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype in _FLOATS]
         if not floats or any(v.dtype != ir.DataType.FLOAT for v in floats) or _any_float_input(node):
             return NO_FLOAT, "computes no float32 tensor"
+        for pattern in self.keep_float:
+            if pattern == node.op_type or (node.name and fnmatch.fnmatchcase(node.name, pattern)):
+                return SENSITIVE, f"kept fp32 by keep_float {pattern!r}"
         if node.op_type in self.keep_fp32_ops:
             return SENSITIVE, "numerically sensitive: kept fp32 by the target profile"
         if node.domain not in ("", "ai.onnx") or node.op_type not in FP16_INPUTS:
