@@ -152,7 +152,7 @@ def compile_model(
         report_notes.append(profile.overrides)
     provider, not_on_target = _verification_provider(profile)
     fusion_json = None
-    if profile.precision == Precision.INT8:
+    if profile.cpu_fusion_check:
         # What onnxruntime really runs (CPU): are the quantized ops fused into int8 kernels?
         fusion = check_fusion(quant_proto, quantized_by_decision=quantized_node_names(qmodel))
         fusion_json = {**fusion.to_json(), "summary": fusion.summary()}

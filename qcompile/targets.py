@@ -64,6 +64,10 @@ class TargetProfile:
     fusions: tuple[str, ...] = ()
     # Checks of the output graph's form (``verify/structure.py``), by name.
     structure_checks: tuple[str, ...] = ()
+    # onnxruntime CPU's fusion check (``verify/fusion.py``) judges this target's Q/DQ layout. Not
+    # for tensorrt: TensorRT fuses what onnxruntime's CPU selectors do not (Q/DQ on inputs only),
+    # so its structure check stands in.
+    cpu_fusion_check: bool = False
     # --- fp16 ---
     # Ops kept in fp32 even where their values fit fp16 (see ``CUDA``'s comment).
     keep_fp32_ops: tuple[str, ...] = ()
@@ -86,6 +90,7 @@ class TargetProfile:
             "int32_bias": self.int32_bias,
             "fusions": list(self.fusions),
             "structure_checks": list(self.structure_checks),
+            "cpu_fusion_check": self.cpu_fusion_check,
             "keep_fp32_ops": list(self.keep_fp32_ops),
             "fp16_overflow_limit": self.fp16_overflow_limit,
         }
@@ -97,6 +102,7 @@ CPU = TargetProfile(
     execution_provider="CPUExecutionProvider",
     session_provider="cpu",
     precision=Precision.INT8,
+    cpu_fusion_check=True,
     fusions=("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
              "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu"),
 )

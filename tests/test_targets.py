@@ -96,6 +96,7 @@ def test_tensorrt_puts_symmetric_int8_qdq_on_op_inputs_only():
     assert target["structure"]["quantized_ops"] == 3
     assert target["verified_on"] == "cpu" and target["verified_on_target"] is False
     assert target["note"].startswith("not verified on target")
+    assert result.report.fusion is None  # onnxruntime CPU's fusion rules do not judge TensorRT's layout
     assert result.report.verification["min_sqnr_db"] > 25
 
 
