@@ -76,7 +76,7 @@ def check_target(case, target: str, provider: str, batches: tuple[int, ...], run
     import qcompile
     from qcompile.verify import measure_latency, run_model
     from qcompile.verify.latency import batched_feed
-    from qcompile.verify.metrics import compare_arrays
+    from qcompile.verify.metrics import compare_arrays, json_float
     from qcompile.verify.placement import node_placement
 
     options = qcompile.CompileOptions(
@@ -102,7 +102,8 @@ def check_target(case, target: str, provider: str, batches: tuple[int, ...], run
     models = {"float": case.model, "compiled": result.model}
     for label, model in models.items():
         on_provider = _concat(list(run_model(model, case.evaluation, provider)))
-        row[f"{label}_sqnr_vs_cpu_float_db"] = compare_arrays(cpu_float, on_provider, label).sqnr_db
+        # None: identical outputs (infinite SQNR), as in every qcompile JSON.
+        row[f"{label}_sqnr_vs_cpu_float_db"] = json_float(compare_arrays(cpu_float, on_provider, label).sqnr_db)
         placement = node_placement(model, case.latency_feed, provider).to_json()
         row[f"{label}_memcpy_nodes"] = placement["memcpy_nodes"]
         row[f"{label}_cpu_nodes"] = placement["cpu_nodes"]
@@ -113,8 +114,13 @@ def check_target(case, target: str, provider: str, batches: tuple[int, ...], run
         row[f"b{batch}_float_ms"] = latency["float"].median_ms
         row[f"b{batch}_compiled_ms"] = latency["compiled"].median_ms
         row[f"b{batch}_speedup"] = latency["float"].median_ms / latency["compiled"].median_ms
-    row["passed"] = row["compiled_sqnr_vs_cpu_float_db"] >= MIN_SQNR_DB and row["compiled_memcpy_nodes"] == 0
+    sqnr = row["compiled_sqnr_vs_cpu_float_db"]
+    row["passed"] = (sqnr is None or sqnr >= MIN_SQNR_DB) and row["compiled_memcpy_nodes"] == 0
     return row
+
+
+def _db(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.1f}"
 
 
 def table(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> str:
@@ -126,7 +132,7 @@ def table(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> str:
             cells = [r["model"], r["target"], "-", "-", "-"] + ["-"] * len(batches)
             check = "structure " + ("passed" if r.get("structure_passed") else f"FAILED: {r.get('structure_problems')}")
         else:
-            cells = [r["model"], r["target"], f"{r['compiled_sqnr_vs_cpu_float_db']:.1f} (float {r['float_sqnr_vs_cpu_float_db']:.1f})",
+            cells = [r["model"], r["target"], f"{_db(r['compiled_sqnr_vs_cpu_float_db'])} (float {_db(r['float_sqnr_vs_cpu_float_db'])})",
                      str(r["compiled_memcpy_nodes"]), str(sum(r["compiled_cpu_nodes"].values()))]
             cells += [f"{r[f'b{b}_float_ms']:.3f} / {r[f'b{b}_compiled_ms']:.3f} ({r[f'b{b}_speedup']:.2f}x)" for b in batches]
             check = "passed" if r["passed"] else "FAILED"
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = cuda_unusable() if args.provider == "cuda" else None
     if reason is not None:
         out["skipped"] = reason
-        args.out.write_text(json.dumps(out, indent=2))
+        args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
         print(f"skipped: {reason}")
         return 0
 
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             row = check_target(case, target, args.provider, batches, args.runs, cpu_float)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            args.out.write_text(json.dumps(out, indent=2))  # what is done survives a later failure
+            args.out.write_text(json.dumps(out, indent=2, allow_nan=False))  # what is done survives a later failure
     text = table(rows, batches)
     args.out.with_suffix(".md").write_text(text + "\n")
     print(text)

@@ -32,6 +32,7 @@ from qcompile.verify.analysis import analyze as analyze_models
 from qcompile.verify.compare import VerificationResult, compare_models
 from qcompile.verify.fusion import check_fusion
 from qcompile.verify.latency import report_latency
+from qcompile.verify.placement import node_placement
 from qcompile.verify.sessions import cuda_available
 from qcompile.verify.structure import check_tensorrt_structure
 
@@ -151,7 +152,7 @@ def compile_model(
         report_notes.append(profile.overrides)
     provider, not_on_target = _verification_provider(profile)
     fusion_json = None
-    if profile.precision == Precision.INT8:
+    if profile.cpu_fusion_check:
         # What onnxruntime really runs (CPU): are the quantized ops fused into int8 kernels?
         fusion = check_fusion(quant_proto, quantized_by_decision=quantized_node_names(qmodel))
         fusion_json = {**fusion.to_json(), "summary": fusion.summary()}
@@ -159,6 +160,7 @@ def compile_model(
     verification = None
     verification_json = None
     latency_json = None
+    target_json = _target_section(profile, provider, not_on_target, qmodel, quant_proto)
     if verify_source is not None:
         layer_names = _layer_names(qmodel, float_proto) if options.verification.per_layer else None
         verification = compare_models(
@@ -170,6 +172,9 @@ def compile_model(
             fixed = {spec.name: spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None for spec in specs}
             sample = next(iter(verify_source))
             latency_json = report_latency(float_proto, quant_proto, sample, fixed, provider=provider)
+        if provider == "cuda":
+            # On a GPU: the nodes that fell back to the CPU and the host copies around them.
+            target_json["placement"] = node_placement(quant_proto, next(iter(verify_source)), "cuda").to_json()
 
     report = CompileReport(
         qcompile_version=__version__,
@@ -195,7 +200,7 @@ def compile_model(
         },
         verification=verification_json,
         fusion=fusion_json,
-        target=_target_section(profile, provider, not_on_target, qmodel, quant_proto),
+        target=target_json,
         latency=latency_json,
         notes=report_notes + notes(qmodel),
         warnings=warnings,

@@ -116,7 +116,7 @@ def finalize_passes(
 
 def fp16_passes(max_abs: dict[str, float], profile: TargetProfile, options: CompileOptions) -> list[tuple[str, ir.passes.PassBase]]:
     """After range calibration (fp16 targets): float parts to fp16, fp32 where they would overflow."""
-    convert = ConvertFloat16Pass(max_abs, profile.keep_fp32_ops, profile.fp16_overflow_limit)
+    convert = ConvertFloat16Pass(max_abs, profile.keep_fp32_ops, profile.fp16_overflow_limit, options.scheme.keep_float)
     passes = [
         ("convert_fp16", convert),
         ("remove_unused_after_fp16", common_passes.RemoveUnusedNodesPass()),

@@ -64,6 +64,10 @@ class TargetProfile:
     fusions: tuple[str, ...] = ()
     # Checks of the output graph's form (``verify/structure.py``), by name.
     structure_checks: tuple[str, ...] = ()
+    # onnxruntime CPU's fusion check (``verify/fusion.py``) judges this target's Q/DQ layout. Not
+    # for tensorrt: TensorRT fuses what onnxruntime's CPU selectors do not (Q/DQ on inputs only),
+    # so its structure check stands in.
+    cpu_fusion_check: bool = False
     # --- fp16 ---
     # Ops kept in fp32 even where their values fit fp16 (see ``CUDA``'s comment).
     keep_fp32_ops: tuple[str, ...] = ()
@@ -86,6 +90,7 @@ class TargetProfile:
             "int32_bias": self.int32_bias,
             "fusions": list(self.fusions),
             "structure_checks": list(self.structure_checks),
+            "cpu_fusion_check": self.cpu_fusion_check,
             "keep_fp32_ops": list(self.keep_fp32_ops),
             "fp16_overflow_limit": self.fp16_overflow_limit,
         }
@@ -97,6 +102,7 @@ CPU = TargetProfile(
     execution_provider="CPUExecutionProvider",
     session_provider="cpu",
     precision=Precision.INT8,
+    cpu_fusion_check=True,
     fusions=("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
              "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu"),
 )
@@ -129,15 +135,16 @@ CUDA = TargetProfile(
     precision=Precision.FP16,
     # Softmax / LogSoftmax / LayerNormalization and reductions sum many terms (exp of logits,
     # squared deviations) whose sums overflow or lose digits in fp16's 11-bit mantissa; Exp / Pow /
-    # Div / Sqrt / Log / Erf are where those decompositions overflow or divide by flushed tiny
-    # values. onnxruntime's CUDA provider computes these in fp32 internally anyway for fp16 inputs
-    # of Softmax/LayerNorm, but the fp16 *input* already lost what the fp32 output of the previous
-    # op had, so they stay fp32 on both sides; the cost is a Cast around each.
+    # Sqrt / Log / Reciprocal are where decomposed norms overflow or divide by flushed tiny values
+    # (a Div by a computed tensor stays fp32 for the same reason: ``passes/convert_fp16.py``). The
+    # list follows PyTorch's CUDA autocast, whose fp32 ops these are. onnxruntime's CUDA kernels
+    # accumulate Softmax/LayerNorm in fp32 anyway, but an fp16 *input* has already lost what the
+    # previous op's fp32 output held; the cost is a Cast on each side.
     keep_fp32_ops=("Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
-                   "ReduceL2", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf", "CumSum", "TopK"),
+                   "ReduceL2", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "CumSum", "TopK"),
     overrides=(
-        "target cuda: nothing is quantized (the scheme, keep_float and bias correction do not apply); "
-        "calibration measured every float tensor's min/max for the fp16 overflow guard"
+        "target cuda: nothing is quantized (the scheme's types and bias correction do not apply; keep_float "
+        "keeps nodes in fp32); calibration measured every float tensor's min/max for the fp16 overflow guard"
     ),
 )
 

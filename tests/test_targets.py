@@ -15,7 +15,7 @@ from qcompile.targets import PROFILES, Precision, profile_for
 from qcompile.verify.latency import batched_feed
 from qcompile.verify.sessions import cuda_available
 from qcompile.verify.structure import check_tensorrt_structure
-from tests.helpers import count_ops, parse_model, sqnr_db, to_proto
+from tests.helpers import count_ops, parse_model, to_proto
 
 RESIDUAL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] x) => (float[N,5] y) {
@@ -96,6 +96,7 @@ def test_tensorrt_puts_symmetric_int8_qdq_on_op_inputs_only():
     assert target["structure"]["quantized_ops"] == 3
     assert target["verified_on"] == "cpu" and target["verified_on_target"] is False
     assert target["note"].startswith("not verified on target")
+    assert result.report.fusion is None  # onnxruntime CPU's fusion rules do not judge TensorRT's layout
     assert result.report.verification["min_sqnr_db"] > 25
 
 
@@ -140,6 +141,14 @@ def test_cuda_target_is_fp16_and_says_where_it_was_verified():
         assert "CUDAExecutionProvider" in target["note"]
 
 
+def test_keep_float_keeps_cuda_nodes_in_fp32():
+    result = compile_for("cuda", scheme=qcompile.SchemeOptions(keep_float=("Gemm",)))
+    assert result.report.target["precision"] == {"fp16": 7, "fp32": 1}
+    gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    weights = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert weights[gemm.input[1]] == onnx.TensorProto.FLOAT
+
+
 @pytest.mark.gpu
 def test_cuda_target_verifies_on_cuda():
     if not cuda_available():
@@ -148,6 +157,7 @@ def test_cuda_target_verifies_on_cuda():
     assert result.report.verification["provider"] == "cuda"
     assert result.report.target["verified_on_target"] is True
     assert result.report.latency["provider"] == "cuda"
+    assert result.report.target["placement"]["memcpy_nodes"] == 0
 
 
 # -- report: target and latency --------------------------------------------------------------

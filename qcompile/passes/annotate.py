@@ -41,7 +41,6 @@ import onnx_ir as ir
 from qcompile.graph.queries import constant_array
 from qcompile.options import ActivationDType, SchemeOptions, WeightGranularity
 from qcompile.passes.op_rules import OpKind, OpRule, rule_for, weight_axis_for
-from qcompile.targets import CPU, QDQPlacement, TargetProfile
 from qcompile.quant.spec import (
     ANNOTATION_KEY,
     DECISION_KEY,
@@ -54,6 +53,7 @@ from qcompile.quant.spec import (
     QuantSpec,
     WeightAnnotation,
 )
+from qcompile.targets import CPU, QDQPlacement, TargetProfile
 
 _DIRECT_KINDS = (OpKind.COMPUTE, OpKind.ELEMENTWISE, OpKind.UNARY)
 ONLY_FLOAT_CONSUMERS = "its output feeds only float ops: quantizing it would only add Q/DQ work"

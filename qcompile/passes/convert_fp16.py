@@ -25,6 +25,7 @@ missing from it (never observed) is treated as fitting; calibration observes eve
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from collections.abc import Mapping
 
@@ -44,7 +45,9 @@ FP16_INPUTS: dict[str, tuple[int, ...] | None] = {
         "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu",
         "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
         "Concat", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
-        "Gather", "Identity", "Pad", "Expand", "Tile", "Where", "DepthToSpace", "SpaceToDepth",
+        "Gather", "Identity", "Pad", "Expand", "Tile", "Where", "DepthToSpace", "SpaceToDepth", "Erf",
+        # By a constant only (a computed divisor stays fp32: see ConvertFloat16Pass._fp32_reason).
+        "Div",
     )},
     "Resize": (0,),
     "Upsample": (0,),
@@ -52,12 +55,19 @@ FP16_INPUTS: dict[str, tuple[int, ...] | None] = {
 
 # node.meta[PRECISION_KEY]: (kind, words), kind FP16 or one of the reasons a node stays fp32.
 PRECISION_KEY = "qcompile.precision"
+# Ops that take any float type and whose output type does not follow it: their float input is read
+# as it comes (fp16 or fp32), so they never need a Cast.
+ANY_FLOAT_INPUT = frozenset({"Shape", "Size", "Cast"})
 FP16, NO_FLOAT, NO_RULE, SENSITIVE, OVERFLOW = "fp16", "no_float", "no_rule", "sensitive", "overflow"
 
 
 class ConvertFloat16Pass(ir.passes.InPlacePass):
     def __init__(
-        self, max_abs: Mapping[str, float], keep_fp32_ops: tuple[str, ...] = (), overflow_limit: float = 32000.0
+        self,
+        max_abs: Mapping[str, float],
+        keep_fp32_ops: tuple[str, ...] = (),
+        overflow_limit: float = 32000.0,
+        keep_float: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         if not 0 < overflow_limit <= FP16_MAX:
@@ -65,6 +75,8 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
         self.max_abs = max_abs
         self.keep_fp32_ops = frozenset(keep_fp32_ops)
         self.overflow_limit = overflow_limit
+        # The user's keep_float (op types, node names, fnmatch patterns) keeps nodes in fp32.
+        self.keep_float = tuple(keep_float)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -74,12 +86,22 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
         kind is one of NO_FLOAT (nothing to convert), NO_RULE, SENSITIVE, OVERFLOW.
         """
         floats = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype in _FLOATS]
-        if not floats or any(v.dtype != ir.DataType.FLOAT for v in floats):
+        if not floats or any(v.dtype != ir.DataType.FLOAT for v in floats) or _any_float_input(node):
             return NO_FLOAT, "computes no float32 tensor"
-        if node.domain not in ("", "ai.onnx") or node.op_type not in FP16_INPUTS:
-            return NO_RULE, f"no fp16 rule for {node.op_type}"
+        for pattern in self.keep_float:
+            if pattern == node.op_type or (node.name and fnmatch.fnmatchcase(node.name, pattern)):
+                return SENSITIVE, f"kept fp32 by keep_float {pattern!r}"
         if node.op_type in self.keep_fp32_ops:
             return SENSITIVE, "numerically sensitive: kept fp32 by the target profile"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in FP16_INPUTS:
+            return NO_RULE, f"no fp16 rule for {node.op_type}"
+        divisor = node.inputs[1] if node.op_type == "Div" and len(node.inputs) > 1 else None
+        if divisor is not None:
+            data = constant_array(divisor)
+            if data is None:
+                return SENSITIVE, "divides by a computed tensor (one that rounds to 0 in fp16 gives inf)"
+            if np.any((data != 0) & (data.astype(np.float16) == 0)):
+                return SENSITIVE, "its constant divisor rounds to 0 in fp16"
         for value in floats:
             data = constant_array(value)
             peak = float(np.max(np.abs(data))) if data is not None and data.size else self.max_abs.get(value.name, 0.0)
@@ -121,6 +143,8 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
         fp16_constants: dict[str, ir.Value] = {}
         casts: dict[tuple[str, ir.DataType], ir.Value] = {}
         for node in list(graph):
+            if _any_float_input(node):
+                continue
             for index, value in enumerate(list(node.inputs)):
                 if value is None or value.dtype not in _FLOATS:
                     continue
@@ -197,6 +221,10 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
 
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+def _any_float_input(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in ANY_FLOAT_INPUT
 
 
 def _converted_inputs(node: ir.Node) -> frozenset[int]:

@@ -133,6 +133,10 @@ def _target_lines(target: dict | None) -> list[str]:
     structure = target.get("structure")
     if structure:
         lines.append(structure["summary"])
+    placement = target.get("placement")
+    if placement:
+        cpu = ", ".join(f"{op}×{n}" for op, n in placement["cpu_nodes"].items()) or "none"
+        lines.append(f"placement on {placement['provider']}: {placement['memcpy_nodes']} Memcpy nodes; on the CPU: {cpu}")
     return lines
 
 

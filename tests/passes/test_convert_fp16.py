@@ -157,3 +157,31 @@ def test_compile_for_cuda_calibrates_the_overflow_guard():
 def test_overflow_limit_is_validated():
     with pytest.raises(ValueError):
         ConvertFloat16Pass({}, overflow_limit=1e6)
+
+
+def test_shape_and_cast_read_fp16_without_a_cast_and_computed_divisors_stay_fp32():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,4] x, float[2,4] d) => (float[2,4] y, int64[2] s, float[2,4] q) {
+      a = Relu(x)
+      s = Shape(a)
+      c = Cast <to=1> (a)
+      y = Div(c, two)
+      q = Div(a, d)
+    }"""
+    float_model = parse_model(text, {"two": np.array(2.0, np.float32)})
+    model = convert(ir.from_proto(ir.to_proto(float_model)))
+    kinds = {n.outputs[0].name: n.meta.get(PRECISION_KEY, (None, ""))[0] for n in model.graph}
+    assert kinds["a"] == FP16 and kinds["q"] == "sensitive"  # a divisor computed at run time
+    # Shape and Cast read the fp16 Relu output directly; Div by a constant runs in fp16.
+    by_output = {n.outputs[0].name: n for n in model.graph}
+    assert by_output["s"].inputs[0].producer().op_type == "Relu"
+    assert by_output["c"].inputs[0].producer().op_type == "Relu"
+    divide = by_output["y"].inputs[0].producer()  # y itself is the output Cast back to float32
+    assert divide.op_type == "Div" and divide.meta[PRECISION_KEY][0] == FP16
+    assert count_ops(model)["Cast"] == 5  # the model's own, x→fp16, a→fp32 for q, c→fp16, y→fp32
+    feed = {"x": rng.normal(size=(2, 4)).astype(np.float32), "d": rng.uniform(1, 2, size=(2, 4)).astype(np.float32)}
+    for ref, out in zip(run(float_model, feed), run(model, feed)):
+        if ref.dtype == np.float32:
+            assert sqnr_db(ref, out) > 40
+        else:
+            np.testing.assert_array_equal(ref, out)
