@@ -43,7 +43,7 @@ from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ROUNDED_KEY, Weight
 from qcompile.verify.compare import with_outputs
 from qcompile.verify.sessions import make_session
 
-MAX_ROWS = 4096
+MAX_ROWS = 2048
 # Calibration batches the float model runs on to sample the rows.
 MAX_BATCHES = 64
 SWEEPS = 1
