@@ -43,7 +43,7 @@ from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ROUNDED_KEY, Weight
 from qcompile.verify.compare import with_outputs
 from qcompile.verify.sessions import make_session
 
-MAX_ROWS = 4096
+MAX_ROWS = 2048
 # Calibration batches the float model runs on to sample the rows.
 MAX_BATCHES = 64
 SWEEPS = 1
@@ -139,7 +139,7 @@ def _collect_rows(model: ir.Model, layers: list[_Layer], feeds, rng: np.random.G
 
 def _sample_rows(node: ir.Node, x: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``count`` input rows as (groups, rows, n), float32."""
-    x = x.astype(np.float32)
+    x = np.asarray(x, dtype=np.float32)  # no copy when it is float32 already
     if node.op_type != "Conv":
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             x = x.T
@@ -161,7 +161,8 @@ def _conv_patches(node: ir.Node, x: np.ndarray, count: int, rng: np.random.Gener
     pads = list(node.attributes.get_ints("pads", [0] * 2 * spatial))
     if spatial == 1:
         strides, dilations, pads = [1, *strides], [1, *dilations], [0, pads[0], 0, pads[1]]
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    # np.pad copies the whole activation; most 1x1 convolutions have no padding.
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))) if any(pads) else x
     out = [(padded.shape[2 + a] - dilations[a] * (kernel[a] - 1) - 1) // strides[a] + 1 for a in range(2)]
     positions = x.shape[0] * out[0] * out[1]
     pick = rng.choice(positions, size=min(count, positions), replace=False)
