@@ -28,6 +28,7 @@ from qcompile.options import CalibrationOptions, CompileOptions
 from qcompile.passes import (
     AnnotatePass,
     AssignQParamsPass,
+    ClearIntermediateShapesPass,
     CorrectBiasPass,
     DecomposeBatchNormPass,
     DeriveBiasPass,
@@ -286,4 +287,6 @@ def compile_ir(
         # After placement: it measures the quantized model as it will run.
         feeds = list(itertools.islice(iter(calibration_feeds), batches))
         model = runner.run(model, [("correct_bias", CorrectBiasPass(reference, feeds))])
+    # Last: the passes read intermediate dtypes; the output file leaves them to onnxruntime.
+    model = runner.run(model, [("clear_intermediate_shapes", ClearIntermediateShapesPass())])
     return model, summary

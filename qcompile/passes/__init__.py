@@ -2,6 +2,7 @@
 
 from qcompile.passes.annotate import AnnotatePass
 from qcompile.passes.assign_qparams import AssignQParamsPass
+from qcompile.passes.clear_intermediate_shapes import ClearIntermediateShapesPass
 from qcompile.passes.correct_bias import CorrectBiasPass
 from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
 from qcompile.passes.derive_bias import DeriveBiasPass
@@ -16,6 +17,7 @@ from qcompile.passes.remove_dropout import RemoveDropoutPass
 __all__ = [
     "AnnotatePass",
     "AssignQParamsPass",
+    "ClearIntermediateShapesPass",
     "CorrectBiasPass",
     "DecomposeBatchNormPass",
     "DeriveBiasPass",
