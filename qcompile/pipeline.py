@@ -30,6 +30,7 @@ from qcompile.passes import (
     AnnotatePass,
     AnnotateRangesPass,
     AssignQParamsPass,
+    ClearIntermediateShapesPass,
     ConvertFloat16Pass,
     CorrectBiasPass,
     DecomposeBatchNormPass,
@@ -330,6 +331,8 @@ def compile_ir(
         # After placement: it measures the quantized model as it will run.
         feeds = list(itertools.islice(iter(calibration_feeds), batches))
         model = runner.run(model, [("correct_bias", CorrectBiasPass(reference, feeds))])
+    # Last: the passes read intermediate dtypes; the output file leaves them to onnxruntime.
+    model = runner.run(model, [("clear_intermediate_shapes", ClearIntermediateShapesPass())])
     return model, summary
 
 

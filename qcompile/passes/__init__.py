@@ -3,6 +3,7 @@
 from qcompile.passes.annotate import AnnotatePass
 from qcompile.passes.annotate_ranges import AnnotateRangesPass
 from qcompile.passes.assign_qparams import AssignQParamsPass
+from qcompile.passes.clear_intermediate_shapes import ClearIntermediateShapesPass
 from qcompile.passes.convert_fp16 import ConvertFloat16Pass
 from qcompile.passes.correct_bias import CorrectBiasPass
 from qcompile.passes.decompose_batchnorm import DecomposeBatchNormPass
@@ -22,6 +23,7 @@ __all__ = [
     "AnnotatePass",
     "AnnotateRangesPass",
     "AssignQParamsPass",
+    "ClearIntermediateShapesPass",
     "ConvertFloat16Pass",
     "CorrectBiasPass",
     "DecomposeBatchNormPass",
