@@ -127,3 +127,19 @@ def test_conv_patches_reproduce_the_convolution(attributes, weight_shape, x_shap
     per_group = w.reshape(group, weight_shape[0] // group, -1).astype(np.float64)
     energy = np.einsum("gon,gnm,gom->go", per_group, gram, per_group).reshape(-1)
     np.testing.assert_allclose(energy, np.sum(y**2, axis=(0, *range(2, y.ndim))), rtol=1e-6)
+
+
+def test_a_shared_weight_keeps_nearest_rounding_with_a_note():
+    text = f"""{HEADER}
+g (float[32,48] x) => (float[32,16] y, float[32,16] z) {{
+  y = Gemm (x, w)
+  z = Gemm (x, w)
+}}"""
+    model, calib, _ = _case("gemm")
+    shared = onnx.parser.parse_model(text)
+    shared.graph.initializer.extend(t for t in model.graph.initializer if t.name == "w")
+    nearest, optimized = _compile(shared, calib, None), _compile(shared, calib, "optimized")
+    notes = [n for p in optimized.report.passes if p.name == "round_weights" for n in p.notes]
+    assert any("shared" in n for n in notes), notes
+    # The same initializers (the model metadata differs: it records the options).
+    assert list(optimized.model.graph.initializer) == list(nearest.model.graph.initializer)
