@@ -176,3 +176,40 @@ def test_bias_add_after_matmul_stays_float_for_the_float_output_kernel():
     assert report.fused and report.kernels.get("MatMulIntegerToFloat", 0) >= 1
     x = {"x": local.normal(size=(3, 6, 16)).astype(np.float32)}
     assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 30
+
+
+# A transformer block's seam: LayerNormalization (float) feeds a MatMul (int8) and the residual Add (float).
+LN_RESIDUAL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,6,16] x) => (float[N,6,16] y, float[N,6,16] h) {
+  h = LayerNormalization <axis=-1> (x, gamma, beta)
+  m = MatMul(h, w)
+  y = Add(m, h)
+}"""
+
+
+def test_float_readers_of_a_float_op_output_keep_the_exact_tensor():
+    from qcompile.verify.fusion import check_fusion
+
+    local = np.random.default_rng(5)
+    inits = dict(
+        gamma=local.uniform(0.5, 1.5, size=16).astype(np.float32), beta=local.normal(size=16).astype(np.float32),
+        w=local.normal(scale=0.1, size=(16, 16)).astype(np.float32),
+    )
+    feeds = [{"x": local.normal(size=(2, 6, 16)).astype(np.float32)} for _ in range(4)]
+    model = quantize(parse_model(LN_RESIDUAL, inits), feeds)
+    ops = count_ops(model)
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 2  # h for the MatMul; the weight
+    h = next(n for n in model.graph if n.op_type == "LayerNormalization").outputs[0]
+    readers = sorted(u.node.op_type for u in h.uses())
+    assert readers == ["Add", "QuantizeLinear"]  # the residual Add reads the exact h, not its rounded copy
+    assert [o.name for o in model.graph.outputs] == ["y", "h"] and model.graph.outputs[1] is h
+    x = {"x": local.normal(size=(3, 6, 16)).astype(np.float32)}
+    ref, out = run(parse_model(LN_RESIDUAL, inits), x), run(model, x)
+    np.testing.assert_array_equal(out[1], ref[1])  # the graph output h is exact
+    # The placement before this rule: the Add read the rounded copy. It is measurably worse.
+    rounded = ir.from_proto(to_proto(model))
+    add = next(n for n in rounded.graph if n.op_type == "Add")
+    add.replace_input_with(1, next(n for n in rounded.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.UINT8).outputs[0])
+    assert sqnr_db(ref[0], out[0]) > sqnr_db(ref[0], run(rounded, x)[0]) + 3
+    report = check_fusion(to_proto(model))
+    assert report.fused and report.kernels.get("MatMulIntegerToFloat", 0) == 1
