@@ -105,6 +105,7 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             activation_dtype=flags["activation_dtype"],
             weight_granularity=flags["weight_granularity"],
             keep_float=tuple(flags["keep_float"]),
+            quantize_activation_matmuls=not flags["no_quantize_activation_matmuls"],
         ),
         calibration=CalibrationOptions(
             method=flags["calibration_method"],
@@ -146,6 +147,8 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--activation-dtype", type=_choice(ActivationDType), default=ActivationDType.UINT8.value, show_default=True)
 @click.option("--weight-granularity", type=_choice(WeightGranularity), default=WeightGranularity.PER_CHANNEL.value, show_default=True)
 @click.option("--keep-float", multiple=True, help="Node name, name pattern (fnmatch) or op type to keep in float. Repeatable.")
+@click.option("--no-quantize-activation-matmuls", is_flag=True,
+              help="Keep MatMuls of two activations (attention's Q·Kᵀ, softmax·V) float.")
 @click.option("--calibration-method", type=_choice(CalibrationMethod), default=_CALIBRATION_DEFAULTS.method.value,
               show_default=True, help="How activation ranges are chosen from calibration (README: Calibration methods).")
 @click.option("--percentile", type=float, default=_CALIBRATION_DEFAULTS.percentile, show_default=True,

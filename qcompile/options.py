@@ -68,6 +68,10 @@ class SchemeOptions:
     weight_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
     # Node names, fnmatch patterns over node names, or op types that stay float.
     keep_float: tuple[str, ...] = ()
+    # MatMuls of two activations (attention's Q·Kᵀ and softmax·V) in int8 (onnxruntime's
+    # QLinearMatMul / MatMulIntegerToFloat). False keeps them float: all-MiniLM-L6-v2 measured
+    # mean cosine 0.9921 with them int8, 0.9925 float (before smoothing).
+    quantize_activation_matmuls: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation_dtype", ActivationDType(self.activation_dtype))

@@ -102,6 +102,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         user = self._kept_float_by_user(node)
         if user:
             return user
+        if not self.scheme.quantize_activation_matmuls and _is_activation_matmul(node):
+            return "a MatMul of two activations, kept float by quantize_activation_matmuls=False"
         if not rule.int8_kernel:
             return f"onnxruntime has no int8 {node.op_type} kernel: quantizing it would only add Q/DQ work"
         data = node.inputs[0] if node.inputs else None
@@ -309,6 +311,17 @@ def _constant_after_float_output(node: ir.Node) -> bool:
     producer = others[0].producer()
     rule = rule_for(producer.op_type, producer.domain)
     return rule is not None and rule.float_output_ok
+
+
+def _is_activation_matmul(node: ir.Node) -> bool:
+    """A MatMul whose second operand is computed, not a constant weight (attention's Q·Kᵀ, softmax·V)."""
+    return (
+        node.op_type == "MatMul"
+        and node.domain in ("", "ai.onnx")
+        and len(node.inputs) > 1
+        and node.inputs[1] is not None
+        and constant_array(node.inputs[1]) is None
+    )
 
 
 def _is_table_lookup(node: ir.Node) -> bool:

@@ -213,3 +213,33 @@ def test_float_readers_of_a_float_op_output_keep_the_exact_tensor():
     assert sqnr_db(ref[0], out[0]) > sqnr_db(ref[0], run(rounded, x)[0]) + 3
     report = check_fusion(to_proto(model))
     assert report.fused and report.kernels.get("MatMulIntegerToFloat", 0) == 1
+
+
+@pytest.mark.parametrize("quantize_activation_matmuls", [True, False])
+def test_activation_matmul_int8_by_default_and_float_on_request(quantize_activation_matmuls):
+    from qcompile.quant.spec import DECISION_KEY
+    from qcompile.verify.fusion import check_fusion
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,6,16] x) => (float[N,6,6] y) {
+      q = MatMul(x, wq)
+      k = MatMul(x, wk)
+      kt = Transpose <perm=[0,2,1]> (k)
+      y = MatMul(q, kt)
+    }"""
+    local = np.random.default_rng(6)
+    inits = dict(wq=local.normal(size=(16, 16)).astype(np.float32), wk=local.normal(size=(16, 16)).astype(np.float32))
+    scheme = SchemeOptions(quantize_activation_matmuls=quantize_activation_matmuls)
+    model = quantize(parse_model(text, inits), _feeds(shape=(1, 6, 16)), scheme)
+    attention = next(n for n in model.graph if n.op_type == "MatMul" and n.outputs[0].name == "y")
+    decision = attention.meta[DECISION_KEY]
+    assert decision.quantized == quantize_activation_matmuls
+    # int8: x, q, k and kt (k and kt share qparams through the Transpose); float: x only.
+    assert count_ops(model)["QuantizeLinear"] == (4 if quantize_activation_matmuls else 1)
+    kernels = check_fusion(to_proto(model)).kernels
+    # Three int8 MatMuls (q and k end in QuantizeLinear: QLinearMatMul), or the two weight MatMuls.
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) == 2 + quantize_activation_matmuls
+    if not quantize_activation_matmuls:
+        assert "quantize_activation_matmuls" in decision.reason
+    x = _feeds(1, (4, 6, 16))[0]
+    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 20
