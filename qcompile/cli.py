@@ -26,6 +26,7 @@ from qcompile.options import (
     CompileOptions,
     OutputOptions,
     SchemeOptions,
+    SmoothQuantOptions,
     VerificationOptions,
     WeightGranularity,
     WeightMethod,
@@ -33,6 +34,7 @@ from qcompile.options import (
 
 # Flag defaults come from the dataclass, so a default lives in one place (options.py).
 _CALIBRATION_DEFAULTS = CalibrationOptions()
+_SMOOTH_QUANT_DEFAULTS = SmoothQuantOptions()
 
 
 def _fail(error: QcompileError, as_json: bool) -> None:
@@ -117,6 +119,12 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             seed=flags["seed"],
             bias_correction_batches=flags["bias_correction_batches"],
         ),
+        smooth_quant=SmoothQuantOptions(
+            enabled=not flags["no_smooth_quant"],
+            alphas=_numbers(flags["smooth_quant_alphas"], "--smooth-quant-alphas"),
+            min_gain=flags["smooth_quant_min_gain"],
+            rows=flags["smooth_quant_rows"],
+        ),
         verification=VerificationOptions(
             enabled=not flags["no_verify"],
             min_sqnr=flags["min_sqnr"],
@@ -131,6 +139,13 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
         dump_ir_after=tuple(flags["dump_ir_after"]),
         show_progress=not flags["quiet"],
     )
+
+
+def _numbers(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 def _choice(enum_cls) -> click.Choice:
@@ -160,6 +175,13 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--calibration-max-samples", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--bias-correction-batches", type=int, default=_CALIBRATION_DEFAULTS.bias_correction_batches, show_default=True,
               help="Correct each layer's int32 bias for its mean output error, measured on this many calibration batches (0: off).")
+@click.option("--no-smooth-quant", is_flag=True, help="Do not move activation outlier channels into MatMul/Gemm weights.")
+@click.option("--smooth-quant-alphas", default=",".join(f"{a:g}" for a in _SMOOTH_QUANT_DEFAULTS.alphas), show_default=True,
+              help="SmoothQuant: comma-separated migration strengths α tried per MatMul group.")
+@click.option("--smooth-quant-min-gain", type=float, default=_SMOOTH_QUANT_DEFAULTS.min_gain, show_default=True,
+              help="SmoothQuant: smooth a group only when its simulated output error drops by this fraction.")
+@click.option("--smooth-quant-rows", type=int, default=_SMOOTH_QUANT_DEFAULTS.rows, show_default=True,
+              help="SmoothQuant: calibration rows sampled per tensor to choose α.")
 @click.option("--random-samples", type=int, default=32, show_default=True, help="Samples drawn with --calib random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")

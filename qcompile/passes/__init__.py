@@ -11,6 +11,7 @@ from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
+from qcompile.passes.smooth_quant import SmoothQuantPass
 
 __all__ = [
     "AnnotatePass",
@@ -24,4 +25,5 @@ __all__ = [
     "PlaceQDQPass",
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
+    "SmoothQuantPass",
 ]

@@ -34,6 +34,7 @@ from qcompile.passes.op_rules import OpKind, OpRule, rule_for, weight_axis_for
 from qcompile.quant.spec import (
     ANNOTATION_KEY,
     DECISION_KEY,
+    FLOAT_REASON_KEY,
     NOT_FLOAT_DATA,
     ActivationAnnotation,
     BiasAnnotation,
@@ -95,6 +96,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         """Why a node can never be quantized, independent of its neighbours (None: it can)."""
         if not any(out.dtype == ir.DataType.FLOAT for out in node.outputs):
             return NOT_FLOAT_DATA
+        if FLOAT_REASON_KEY in node.meta:
+            return node.meta[FLOAT_REASON_KEY]
         rule = rule_for(node.op_type, node.domain)
         if rule is None:
             domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
@@ -171,6 +174,9 @@ class AnnotatePass(ir.passes.InPlacePass):
             values_by_name[value.name] = value
             groups.add(value.name)
 
+        # A second run (after SmoothQuant rewired the graph) starts from no annotations.
+        for value in [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
+            value.meta.pop(ANNOTATION_KEY, None)
         wanted = self._wanted(graph)
         for node in graph:
             reason = self._static_reason(node)

@@ -23,6 +23,11 @@ import numpy as np
 ANNOTATION_KEY = "qcompile.annotation"
 QPARAMS_KEY = "qcompile.qparams"
 DECISION_KEY = "qcompile.decision"
+# On a node a pass created that must stay float: the reason annotation records (SmoothQuant's Mul).
+FLOAT_REASON_KEY = "qcompile.float_reason"
+# On an activation whose range a pass decided is taken by another calibration method (a
+# CalibrationMethod): SmoothQuant's smoothed tensors, whose clipping it simulated.
+RANGE_METHOD_KEY = "qcompile.range_method"
 
 
 class QuantDType(str, enum.Enum):
