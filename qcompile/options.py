@@ -145,7 +145,8 @@ class SmoothQuantOptions:
 
     enabled: bool = True
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    min_gain: float = 0.3
+    # 0.3 left one FFN-out of MiniLM unsmoothed (its GELU then stayed int8): mean cosine 0.9978 vs 0.9979.
+    min_gain: float = 0.1
     rows: int = 512
 
     def __post_init__(self) -> None:

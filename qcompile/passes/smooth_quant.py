@@ -168,34 +168,47 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if not groups:
             return ir.passes.PassResult(model, modified=False)
         stats = self.statistics([g.x.name for g in groups])
+        graph = model.graph
+        names = {v.name for v in graph.inputs} | set(graph.initializers) | {o.name for n in graph for o in n.outputs}
         modified = False
         for group in groups:
-            modified |= self._smooth(model, group, stats[group.x.name])
+            modified |= self._smooth(model, group, stats[group.x.name], names)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _smooth(self, model: ir.Model, group: SmoothGroup, stats: ChannelStats) -> bool:
+    def _smooth(self, model: ir.Model, group: SmoothGroup, stats: ChannelStats, names: set[str]) -> bool:
         weights = [group.weight_rows(j) for j in range(len(group.nodes))]
         w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
         x = stats.rows
-        references = [x @ w for w in weights]
+        # One product for the whole group: its weights side by side, each scored on its own columns.
+        reference = x @ np.concatenate(weights, axis=1)
+        spans = np.cumsum([0] + [w.shape[1] for w in weights])
+        energies = [max(float(np.sum(reference[:, a:b] ** 2)), 1e-30) for a, b in zip(spans, spans[1:])]
+
+        def error(s: np.ndarray, method: CalibrationMethod, quantized_weights: np.ndarray) -> float:
+            out = self._fake_quantize_input(x / s, method) @ quantized_weights
+            squared = (out - reference) ** 2
+            return sum(float(np.sum(squared[:, a:b])) / e for a, b, e in zip(spans, spans[1:], energies))
+
         configured = self.calibration.method
-        baseline = self._error(x, weights, references, np.ones_like(w_absmax), configured)
+        ones = np.ones_like(w_absmax)
+        baseline = error(ones, configured, self._fake_quantize_weights(weights, ones))
         best_alpha, best_error, best_s, best_method = None, baseline, None, configured
         # A smoothed tensor has no outlier channels left to clip: min/max may beat the configured
         # method there, and the calibration then uses the method simulated.
         methods = dict.fromkeys([configured, CalibrationMethod.MINMAX])
         for alpha in self.options.alphas:
             s = smoothing_factors(stats.absmax, w_absmax, alpha)
+            quantized_weights = self._fake_quantize_weights(weights, s)
             for method in methods:
-                error = self._error(x, weights, references, s, method)
-                if error < best_error:
-                    best_alpha, best_error, best_s, best_method = alpha, error, s, method
+                candidate = error(s, method, quantized_weights)
+                if candidate < best_error:
+                    best_alpha, best_error, best_s, best_method = alpha, candidate, s, method
         what = f"{group.x.name!r} ({len(group.nodes)} {'/'.join(sorted({n.op_type for n in group.nodes}))})"
         if best_s is None or best_error > (1.0 - self.options.min_gain) * baseline:
             gain = 1.0 - best_error / baseline if baseline > 0 else 0.0
             add_note(model, f"smooth_quant declined: {what}: no α lowers the simulated error by {self.options.min_gain:.0%} (best {gain:.0%})")
             return False
-        where = self._apply(model, group, best_s, best_method)
+        where = self._apply(model, group, best_s, best_method, names)
         add_note(
             model,
             f"smooth_quant: {what}, α={best_alpha:g}, range by {best_method.value}: simulated output error "
@@ -203,22 +216,18 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         )
         return True
 
-    def _error(
-        self, x: np.ndarray, weights: list[np.ndarray], references: list[np.ndarray], s: np.ndarray, method: CalibrationMethod
-    ) -> float:
-        """Σ_j relative squared error of the quantized group output with factors ``s`` and X's range by ``method``."""
-        xs = (x / s).astype(np.float32)
+    def _fake_quantize_input(self, xs: np.ndarray, method: CalibrationMethod) -> np.ndarray:
+        """dq(q(xs)) with the range ``method`` picks from xs itself (the calibration's observer)."""
+        xs = xs.astype(np.float32)
         dtype = QuantDType.UINT8 if self.scheme.activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
         options = dataclasses.replace(self.calibration, method=method)
         observer = make_observer(QuantSpec(dtype, symmetric=False), options, "smooth_quant")
         observer.update(xs)
         qp = observer.qparams()
-        xq = dequantize(quantize(xs, qp), qp)
-        total = 0.0
-        for w, ref in zip(weights, references):
-            out = xq @ self._fake_quantize_weight((w * s[:, None]).astype(np.float32))
-            total += float(np.sum((out - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30))
-        return total
+        return dequantize(quantize(xs, qp), qp)
+
+    def _fake_quantize_weights(self, weights: list[np.ndarray], s: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._fake_quantize_weight((w * s[:, None]).astype(np.float32)) for w in weights], axis=1)
 
     def _fake_quantize_weight(self, w: np.ndarray) -> np.ndarray:
         axis = 1 if self.scheme.weight_granularity == WeightGranularity.PER_CHANNEL else None
@@ -230,7 +239,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         qp = qparams_from_range(lo, hi, spec)
         return dequantize(quantize(w, qp), qp)
 
-    def _apply(self, model: ir.Model, group: SmoothGroup, s: np.ndarray, method: CalibrationMethod) -> str:
+    def _apply(self, model: ir.Model, group: SmoothGroup, s: np.ndarray, method: CalibrationMethod, names: set[str]) -> str:
         for j, weight in enumerate(group.weights):
             data = constant_array(weight).astype(np.float32)
             scaled = data * (s[None, :] if group.transposed[j] else s[:, None])
@@ -241,11 +250,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if _fold_into_layernorm(group, inverse):
             return f"folded into {group.x.producer().name}"
         graph = model.graph
-        names = {v.name for v in graph.inputs} | set(graph.initializers) | {o.name for n in graph for o in n.outputs}
         base = f"{group.x.name}_smooth"
         name, i = base, 1
         while name in names or f"{name}_scale" in names:
             name, i = f"{base}_{i}", i + 1
+        names.update((name, f"{name}_scale"))
         factor = ir.Value(name=f"{name}_scale", const_value=ir.tensor(inverse))
         factor.dtype, factor.shape = ir.DataType.FLOAT, ir.Shape(inverse.shape)
         graph.register_initializer(factor)
@@ -254,8 +263,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         mul.meta[FLOAT_REASON_KEY] = SMOOTHING_MUL
         if RANGE_METHOD_KEY in group.x.meta:
             mul.outputs[0].meta[RANGE_METHOD_KEY] = group.x.meta.pop(RANGE_METHOD_KEY)
-        first = min(graph.index(node) for node in group.nodes)
-        graph.insert_before(graph.node(first), mul)
+        producer = group.x.producer()
+        if producer is None:  # a graph input: the Mul goes first
+            graph.insert_before(graph.node(0), mul)
+        else:
+            graph.insert_after(producer, mul)
         for node in group.nodes:
             node.replace_input_with(0, mul.outputs[0])
         return f"in a new float Mul {name}"
