@@ -130,28 +130,48 @@ def test_matmul_with_activation_operands_and_weight():
     assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 25
 
 
+EMBEDDING = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N,5] ids) => (float[N,5,8] y) {
+  e = Gather (table, ids)
+  y = MatMul(e, w)
+}"""
+
+
 def test_embedding_table_is_stored_in_int8_and_the_lookup_shares_its_qparams():
+    from qcompile.passes.annotate import MIN_LOOKUP_TABLE_BYTES
     from qcompile.verify.fusion import check_fusion
 
-    text = """<ir_version: 8, opset_import: ["" : 17]>
-    g (int64[N,5] ids) => (float[N,5,8] y) {
-      e = Gather (table, ids)
-      y = MatMul(e, w)
-    }"""
     local = np.random.default_rng(3)
-    inits = dict(table=local.normal(size=(50, 16)).astype(np.float32), w=local.normal(size=(16, 8)).astype(np.float32))
-    feeds = [{"ids": local.integers(0, 50, size=(2, 5)).astype(np.int64)} for _ in range(4)]
-    model = quantize(parse_model(text, inits), feeds)
-    tables = [v for v in model.graph.initializers.values() if v.shape is not None and v.shape.dims == (50, 16)]
+    rows = MIN_LOOKUP_TABLE_BYTES // (16 * 4)  # the smallest table stored in 8 bits
+    inits = dict(table=local.normal(size=(rows, 16)).astype(np.float32), w=local.normal(size=(16, 8)).astype(np.float32))
+    feeds = [{"ids": local.integers(0, rows, size=(2, 5)).astype(np.int64)} for _ in range(4)]
+    model = quantize(parse_model(EMBEDDING, inits), feeds)
+    tables = [v for v in model.graph.initializers.values() if v.shape is not None and v.shape.dims == (rows, 16)]
     assert len(tables) == 1 and tables[0].dtype == ir.DataType.UINT8
     dq_table = next(u.node for u in tables[0].uses())
     q_out = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "e")
     for i in (1, 2):  # the same scale and zero point values
         np.testing.assert_array_equal(dq_table.inputs[i].const_value.numpy(), q_out.inputs[i].const_value.numpy())
-    x = {"ids": local.integers(0, 50, size=(3, 5)).astype(np.int64)}
-    assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 30
+    x = {"ids": local.integers(0, rows, size=(3, 5)).astype(np.int64)}
+    assert sqnr_db(run(parse_model(EMBEDDING, inits), x)[0], run(model, x)[0]) > 30
     report = check_fusion(to_proto(model))
     assert report.fused and report.dequantize_nodes <= 2  # the gathered rows are dequantized, not the table
+
+
+def test_a_small_lookup_table_stays_float():
+    from qcompile.quant.spec import DECISION_KEY
+
+    local = np.random.default_rng(3)
+    inits = dict(table=local.normal(size=(50, 16)).astype(np.float32), w=local.normal(size=(16, 8)).astype(np.float32))
+    feeds = [{"ids": local.integers(0, 50, size=(2, 5)).astype(np.int64)} for _ in range(4)]
+    model = quantize(parse_model(EMBEDDING, inits), feeds)
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert not gather.meta[DECISION_KEY].quantized and "KiB" in gather.meta[DECISION_KEY].reason
+    assert model.graph.initializers["table"].dtype == ir.DataType.FLOAT
+    # The lookup is exact; only the MatMul rounds (its input e gets a Q/DQ pair).
+    assert count_ops(model)["QuantizeLinear"] == 1
+    x = {"ids": local.integers(0, 50, size=(3, 5)).astype(np.int64)}
+    assert sqnr_db(run(parse_model(EMBEDDING, inits), x)[0], run(model, x)[0]) > 30
 
 
 def test_bias_add_after_matmul_stays_float_for_the_float_output_kernel():
