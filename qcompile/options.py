@@ -70,7 +70,7 @@ class SchemeOptions:
     keep_float: tuple[str, ...] = ()
     # MatMuls of two activations (attention's Q·Kᵀ and softmax·V) in int8 (onnxruntime's
     # QLinearMatMul / MatMulIntegerToFloat). False keeps them float: all-MiniLM-L6-v2 measured
-    # mean cosine 0.9921 with them int8, 0.9925 float (before smoothing).
+    # mean cosine 0.9921 with them int8, 0.9925 float before SmoothQuant; 0.9979 and 0.9981 with it.
     quantize_activation_matmuls: bool = True
 
     def __post_init__(self) -> None:
