@@ -27,6 +27,7 @@ from qcompile.options import (
     OutputOptions,
     SchemeOptions,
     Target,
+    SmoothQuantOptions,
     VerificationOptions,
     WeightGranularity,
     WeightMethod,
@@ -35,6 +36,7 @@ from qcompile.options import (
 
 # Flag defaults come from the dataclass, so a default lives in one place (options.py).
 _CALIBRATION_DEFAULTS = CalibrationOptions()
+_SMOOTH_QUANT_DEFAULTS = SmoothQuantOptions()
 
 
 def _fail(error: QcompileError, as_json: bool) -> None:
@@ -109,6 +111,7 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             weight_granularity=flags["weight_granularity"],
             keep_float=tuple(flags["keep_float"]),
             dynamic_matmul=flags["dynamic_matmul"],
+            quantize_activation_matmuls=not flags["no_quantize_activation_matmuls"],
         ),
         calibration=CalibrationOptions(
             method=flags["calibration_method"],
@@ -121,6 +124,12 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             bias_correction_batches=flags["bias_correction_batches"],
             equalize_cross_layer=flags["equalize_cross_layer"],
             weight_rounding=flags["weight_rounding"],
+        ),
+        smooth_quant=SmoothQuantOptions(
+            enabled=not flags["no_smooth_quant"],
+            alphas=_numbers(flags["smooth_quant_alphas"], "--smooth-quant-alphas"),
+            min_gain=flags["smooth_quant_min_gain"],
+            rows=flags["smooth_quant_rows"],
         ),
         verification=VerificationOptions(
             enabled=not flags["no_verify"],
@@ -137,6 +146,13 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
         dump_ir_after=tuple(flags["dump_ir_after"]),
         show_progress=not flags["quiet"],
     )
+
+
+def _numbers(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 def _choice(enum_cls) -> click.Choice:
@@ -158,6 +174,8 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--keep-float", multiple=True, help="Node name, name pattern (fnmatch) or op type to keep in float. Repeatable.")
 @click.option("--dynamic-matmul/--no-dynamic-matmul", default=True, show_default=True,
               help="MatMuls reading a float op's output quantize it at run time (DynamicQuantizeLinear).")
+@click.option("--no-quantize-activation-matmuls", is_flag=True,
+              help="Keep MatMuls of two activations (attention's Q·Kᵀ, softmax·V) float.")
 @click.option("--calibration-method", type=_choice(CalibrationMethod), default=_CALIBRATION_DEFAULTS.method.value,
               show_default=True, help="How activation ranges are chosen from calibration (README: Calibration methods).")
 @click.option("--percentile", type=float, default=_CALIBRATION_DEFAULTS.percentile, show_default=True,
@@ -173,6 +191,13 @@ def _choice(enum_cls) -> click.Choice:
               show_default=True, help="Equalize the weight ranges of Conv→Relu→Conv (and Gemm) chains before calibration.")
 @click.option("--weight-rounding", type=_choice(WeightRounding), default=_CALIBRATION_DEFAULTS.weight_rounding.value,
               show_default=True, help="Round weights to nearest, or up/down to minimize each layer's output error (slower).")
+@click.option("--no-smooth-quant", is_flag=True, help="Do not move activation outlier channels into MatMul/Gemm weights.")
+@click.option("--smooth-quant-alphas", default=",".join(f"{a:g}" for a in _SMOOTH_QUANT_DEFAULTS.alphas), show_default=True,
+              help="SmoothQuant: comma-separated migration strengths α tried per MatMul group.")
+@click.option("--smooth-quant-min-gain", type=float, default=_SMOOTH_QUANT_DEFAULTS.min_gain, show_default=True,
+              help="SmoothQuant: smooth a group only when its simulated output error drops by this fraction.")
+@click.option("--smooth-quant-rows", type=int, default=_SMOOTH_QUANT_DEFAULTS.rows, show_default=True,
+              help="SmoothQuant: calibration rows sampled per tensor to choose α.")
 @click.option("--random-samples", type=int, default=32, show_default=True, help="Samples drawn with --calib random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")

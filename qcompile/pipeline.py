@@ -21,6 +21,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import _constant_folding
 
 from qcompile.calibration import cache as calibration_cache
+from qcompile.calibration.channel_stats import collect_channel_stats
 from qcompile.calibration.collect import calibrate
 from qcompile.calibration.observers import make_observer
 from qcompile.graph.notes import notes
@@ -44,9 +45,10 @@ from qcompile.passes import (
     ReduceMeanToGlobalPoolPass,
     RemoveDropoutPass,
     RoundWeightsPass,
+    SmoothQuantPass,
 )
 from qcompile.passes.annotate_ranges import max_abs_from_qparams
-from qcompile.passes.insert_observers import activation_groups, group_specs
+from qcompile.passes.insert_observers import activation_groups, group_specs, range_method_overrides
 from qcompile.passes.round_weights import MAX_BATCHES as ROUNDING_BATCHES
 from qcompile.quant.qparams import QParams
 from qcompile.report.model import PassRecord
@@ -212,7 +214,11 @@ def calibrate_activations(
     """
     options = options or CalibrationOptions()
     groups = activation_groups(model)
-    observers = {group: make_observer(spec, options, group) for group, spec in group_specs(model).items()}
+    methods = range_method_overrides(model)
+    observers = {
+        group: make_observer(spec, dataclasses.replace(options, method=methods[group]) if group in methods else options, group)
+        for group, spec in group_specs(model).items()
+    }
     digest = hashlib.sha256()
     start = time.perf_counter()
     stats = calibrate(
@@ -304,6 +310,25 @@ def calibration_stage(
     return activation_qparams, summary
 
 
+def smoothing_stage(
+    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner, profile: TargetProfile
+) -> ir.Model:
+    """SmoothQuant on the annotated ``model``, then annotation again where it rewired the graph.
+
+    Its statistics cost one pass over the feeds, only when some MatMul/Gemm group can be smoothed.
+    """
+    options = runner.options
+
+    def statistics(names: list[str]):
+        rows, seed = options.smooth_quant.rows, options.calibration.seed
+        return collect_channel_stats(model, names, feeds, rows=rows, seed=seed, total=total)
+
+    pass_ = SmoothQuantPass(options.smooth_quant, options.scheme, options.calibration, statistics)
+    if runner.run_one(model, "smooth_quant", pass_).modified:
+        model = runner.run(model, [("annotate_after_smoothing", AnnotatePass(options.scheme, profile))])
+    return model
+
+
 def compile_ir(
     model: ir.Model, calibration_feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
 ) -> tuple[ir.Model, CalibrationSummary]:
@@ -320,6 +345,10 @@ def compile_ir(
     batches = options.calibration.bias_correction_batches
     reference = ir.to_proto(model) if batches else None
     model = runner.run(model, [("annotate", AnnotatePass(options.scheme, profile))])
+    if options.smooth_quant.enabled:
+        # After annotation (it declines tensors made by int8 ops), before calibration (which sees the
+        # smoothed tensors). The cache key hashes the smoothed weights, so it covers the choice.
+        model = smoothing_stage(model, calibration_feeds, total, runner, profile)
     # After annotation: observers are per annotated group, and the cache key hashes the annotated model.
     activation_qparams, summary = calibration_stage(model, calibration_feeds, total, runner)
     summary.zero_range = tuple(group for group, qparams in activation_qparams.items() if qparams.zero_range)

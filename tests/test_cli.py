@@ -216,3 +216,23 @@ def test_post_training_algorithm_flags_reach_the_options_and_the_pipeline(tmp_pa
     assert report["options"]["calibration"]["weight_rounding"] == "optimized"
     names = [p["name"] for p in report["passes"]]
     assert "equalize_cross_layer" in names and "round_weights" in names
+
+
+def _parsed_options(*args):
+    from qcompile.cli import _options_from_flags, compile_command
+
+    context = compile_command.make_context("compile", ["m.onnx", "-o", "out.onnx", "--calib", "random", *args])
+    positional = ("model", "output", "calibration", "verify_data", "force", "as_json")
+    return _options_from_flags({k: v for k, v in context.params.items() if k not in positional})
+
+
+def test_smooth_quant_and_activation_matmul_flags_map_to_their_fields():
+    from qcompile.options import CompileOptions
+
+    defaults = _parsed_options()
+    assert defaults.smooth_quant == CompileOptions().smooth_quant and defaults.scheme.quantize_activation_matmuls
+    options = _parsed_options("--no-smooth-quant", "--smooth-quant-alphas", "0.5,0.7", "--smooth-quant-min-gain", "0.2",
+                              "--smooth-quant-rows", "64", "--no-quantize-activation-matmuls")
+    assert not options.smooth_quant.enabled and options.smooth_quant.alphas == (0.5, 0.7)
+    assert options.smooth_quant.min_gain == 0.2 and options.smooth_quant.rows == 64
+    assert not options.scheme.quantize_activation_matmuls

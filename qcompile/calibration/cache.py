@@ -3,7 +3,9 @@
 A cache file is keyed by three fingerprints, all decidable before any calibration runs:
 
 - model: SHA-256 of the cleaned-up, annotated model (graph structure and weights, serialized) and
-  of each qparams group's spec (the annotation, which the serialized model does not carry);
+  of each qparams group's spec (the annotation, which the serialized model does not carry). It is
+  taken after SmoothQuant, so it covers the smoothing chosen (scaled weights, new Muls); that
+  choice's own data pass runs on a cache hit too;
 - data: SHA-256 of the calibration feeds' names, dtypes, shapes and bytes, streamed in a first pass
   over the data (no model run) — the same hash the report calls the calibration fingerprint;
 - settings: the observer settings (method, and percentile / bins where they apply), the cache

@@ -18,6 +18,7 @@ from qcompile.passes.quantize_int4_weights import QuantizeInt4WeightsPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
 from qcompile.passes.round_weights import RoundWeightsPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
+from qcompile.passes.smooth_quant import SmoothQuantPass
 
 __all__ = [
     "AnnotatePass",
@@ -38,4 +39,5 @@ __all__ = [
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
     "RoundWeightsPass",
+    "SmoothQuantPass",
 ]

@@ -44,6 +44,7 @@ from qcompile.passes.op_rules import OpKind, OpRule, rule_for, weight_axis_for
 from qcompile.quant.spec import (
     ANNOTATION_KEY,
     DECISION_KEY,
+    FLOAT_REASON_KEY,
     NOT_FLOAT_DATA,
     ActivationAnnotation,
     BiasAnnotation,
@@ -62,9 +63,13 @@ NO_INT8_OPERAND = (
     "(and splits fusable float patterns such as GELU)"
 )
 ACTIVATION_MATMUL = (
-    "no constant weight (an activation × activation product, as in attention): each operand would "
-    "need its own QuantizeLinear, and onnxruntime's int8 kernel measured slower than float"
+    "a MatMul of two activations (as in attention), kept float by quantize_activation_matmuls=False: "
+    "each operand would need its own QuantizeLinear, and onnxruntime's int8 kernel measured slower than float"
 )
+# A lookup table is stored in 8 bits for size; under this many float bytes the saving is small and
+# its one per-tensor range costs accuracy (MiniLM's 768 KiB position table: 24.7 dB after the
+# lookup; keeping it and the token-type table float: mean cosine 0.9979 -> 0.9981).
+MIN_LOOKUP_TABLE_BYTES = 1 << 20
 
 
 
@@ -116,6 +121,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         """Why a node can never be quantized, independent of its neighbours (None: it can)."""
         if not any(out.dtype == ir.DataType.FLOAT for out in node.outputs):
             return NOT_FLOAT_DATA
+        if FLOAT_REASON_KEY in node.meta:
+            return node.meta[FLOAT_REASON_KEY]
         rule = rule_for(node.op_type, node.domain)
         if rule is None:
             domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
@@ -126,10 +133,13 @@ class AnnotatePass(ir.passes.InPlacePass):
         quantized_ops = self.profile.quantized_ops
         if quantized_ops is not None and node.op_type not in quantized_ops:
             return f"target {self.profile.name.value} quantizes only the inputs of {'/'.join(quantized_ops)}"
+        if _is_table_lookup(node, min_bytes=0) and not _is_table_lookup(node):
+            kib = node.inputs[0].const_value.nbytes / 1024
+            return f"its lookup table holds {kib:.0f} KiB: too small to be worth 8 bits and a per-tensor range"
+        if not self.scheme.quantize_activation_matmuls and _is_activation_matmul(node):
+            return ACTIVATION_MATMUL
         if not rule.int8_kernel:
             return f"onnxruntime has no int8 {node.op_type} kernel: quantizing it would only add Q/DQ work"
-        if rule.weight_input is not None and not any(constant_array(v) is not None for v in node.inputs if v is not None):
-            return ACTIVATION_MATMUL
         data = node.inputs[0] if node.inputs else None
         if data is None or data.dtype != ir.DataType.FLOAT:
             dtype = None if data is None else data.dtype
@@ -197,6 +207,9 @@ class AnnotatePass(ir.passes.InPlacePass):
             values_by_name[value.name] = value
             groups.add(value.name)
 
+        # A second run (after SmoothQuant rewired the graph) starts from no annotations.
+        for value in [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
+            value.meta.pop(ANNOTATION_KEY, None)
         wanted = self._wanted(graph)
         for node in graph:
             reason = self._static_reason(node)
@@ -352,15 +365,28 @@ def _has_int8_operand(node: ir.Node) -> bool:
     return any(v is not None and constant_array(v) is None and _from_quantized_node(v) for v in node.inputs)
 
 
-def _is_table_lookup(node: ir.Node) -> bool:
-    """A Gather from a constant float table (an embedding lookup)."""
+def _is_activation_matmul(node: ir.Node) -> bool:
+    """A MatMul whose second operand is computed, not a constant weight (attention's Q·Kᵀ, softmax·V)."""
+    return (
+        node.op_type == "MatMul"
+        and node.domain in ("", "ai.onnx")
+        and len(node.inputs) > 1
+        and node.inputs[1] is not None
+        and constant_array(node.inputs[1]) is None
+    )
+
+
+def _is_table_lookup(node: ir.Node, min_bytes: int = MIN_LOOKUP_TABLE_BYTES) -> bool:
+    """A Gather from a constant float table (an embedding lookup) of at least ``min_bytes``."""
     return (
         node.op_type == "Gather"
         and node.domain in ("", "ai.onnx")
         and bool(node.inputs)
         and node.inputs[0] is not None
         and node.inputs[0].dtype == ir.DataType.FLOAT
-        and constant_array(node.inputs[0]) is not None
+        and node.inputs[0].const_value is not None
+        and not node.inputs[0].is_graph_input()
+        and node.inputs[0].const_value.nbytes >= min_bytes
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation, QuantSpec
+from qcompile.quant.spec import ANNOTATION_KEY, RANGE_METHOD_KEY, ActivationAnnotation, QuantSpec
 
 _OBSERVED_PREFIX = "qcompile_observed__"
 
@@ -45,9 +45,29 @@ def group_specs(model: ir.Model) -> dict[str, QuantSpec]:
     return specs
 
 
+def range_method_overrides(model: ir.Model) -> dict[str, object]:
+    """qparams group → the calibration method a pass chose for one of its tensors (SmoothQuant)."""
+    overrides: dict[str, object] = {}
+    for value in list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]:
+        annotation = value.meta.get(ANNOTATION_KEY)
+        if isinstance(annotation, ActivationAnnotation) and RANGE_METHOD_KEY in value.meta:
+            overrides[annotation.group] = value.meta[RANGE_METHOD_KEY]
+    return overrides
+
+
 class InsertObserversPass(ir.passes.FunctionalPass):
+    def __init__(self, names: list[str] | None = None) -> None:
+        super().__init__()
+        # Tensors to expose instead of every annotated activation (SmoothQuant's statistics).
+        self.names = names
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        to_observe = activation_groups(model)
+        if self.names is None:
+            to_observe = activation_groups(model)
+        else:
+            values = {v.name: v for v in model.graph.inputs}
+            values.update({out.name: out for node in model.graph for out in node.outputs})
+            to_observe = {observed_name(values[name]): name for name in self.names}
         observed_inputs = [v.name for v in model.graph.inputs if observed_name(v) in to_observe]
         copy = ir.from_proto(ir.to_proto(model))
         graph = copy.graph

@@ -3,10 +3,14 @@
 - Weights, constants and biases are stored as integer initializers (int8 / uint8 / int32) read by a
   DequantizeLinear, so the file really holds 1-byte weights. Per-channel tensors carry the
   DequantizeLinear ``axis`` (ONNX opset 13+). int32 biases omit the zero point (0 by the ONNX spec).
-- An activation ``t`` gets ``t → QuantizeLinear → DequantizeLinear → t_dq`` and every consumer of
-  ``t`` reads ``t_dq`` (a consumer left reading ``t`` would keep onnxruntime from fusing the
-  producer into its int8 kernel). A graph output keeps its name: the producer's tensor is renamed
-  and the DequantizeLinear writes the output.
+- An activation ``t`` gets ``t → QuantizeLinear → DequantizeLinear → t_dq``. When ``t`` is made by
+  an int8 op, every consumer of ``t`` reads ``t_dq`` (a consumer left reading ``t`` would keep
+  onnxruntime from fusing the producer into its int8 kernel), and a graph output keeps its name:
+  the producer's tensor is renamed and the DequantizeLinear writes the output.
+- When ``t`` is made by a float op (or is a graph input), only the int8 consumers read ``t_dq``;
+  float consumers and graph outputs keep the exact ``t``: there is no producer kernel to fuse, and
+  rounding there only adds error (the residual Add of a transformer reads LayerNormalization's
+  exact output while the next MatMul reads the quantized copy).
 - Tensors of one group use the same scale/zero-point initializers.
 
 Precondition: AssignQParamsPass and DeriveBiasPass have run.
@@ -20,7 +24,7 @@ import onnx_ir as ir
 from qcompile.errors import InternalError
 from qcompile.graph.queries import constant_array
 from qcompile.quant.qparams import QParams, quantize
-from qcompile.quant.spec import ANNOTATION_KEY, QPARAMS_KEY, ROUNDED_KEY, ActivationAnnotation, QuantDType
+from qcompile.quant.spec import ANNOTATION_KEY, DECISION_KEY, QPARAMS_KEY, ROUNDED_KEY, ActivationAnnotation, QuantDType
 
 _DTYPES = {
     "uint8": ir.DataType.UINT8,
@@ -114,8 +118,13 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         if group not in self._group_params:
             self._group_params[group] = self._scale_zero_point(graph, group, qp)
         scale, zero_point = self._group_params[group]
+        producer = value.producer()
         uses = list(value.uses())
         was_output = value.is_graph_output()
+        if not _runs_int8(producer):
+            # Nothing to fuse: float readers keep the exact tensor (and a graph output its value).
+            uses = [use for use in uses if _runs_int8(use.node)]
+            was_output = False
         name = value.name
         q = ir.node(
             "QuantizeLinear",
@@ -132,7 +141,6 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         )
         dq_out = dq.outputs[0]
         dq_out.dtype, dq_out.shape = ir.DataType.FLOAT, value.shape
-        producer = value.producer()
         if producer is None:
             graph.insert_before(graph.node(0), [q, dq]) if len(graph) else graph.extend([q, dq])
         else:
@@ -147,3 +155,9 @@ class PlaceQDQPass(ir.passes.InPlacePass):
             dq_out.name = name
             graph.outputs[index] = dq_out
         value.meta.pop(QPARAMS_KEY)
+
+
+def _runs_int8(node: ir.Node | None) -> bool:
+    """Annotation decided the node runs quantized (None: a graph input, made by no node)."""
+    decision = None if node is None else node.meta.get(DECISION_KEY)
+    return decision is not None and decision.quantized

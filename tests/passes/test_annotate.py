@@ -214,8 +214,8 @@ def test_gelu_add_mul_without_int8_operand_stay_float():
     assert all(ann[name] is None for name in ("h", "e", "e1", "g1"))
 
 
-def test_activation_times_activation_matmul_stays_float():
-    """Attention's Q·Kᵀ: no constant weight, so no int8 MatMul and no Q/DQ on either operand."""
+def test_activation_times_activation_matmul_stays_float_on_request():
+    """quantize_activation_matmuls=False: attention's Q·Kᵀ gets no int8 MatMul and no Q/DQ on either operand."""
     from qcompile.passes.annotate import ACTIVATION_MATMUL
 
     model = parse_model(
@@ -229,7 +229,7 @@ def test_activation_times_activation_matmul_stays_float():
         }""",
         dict(wq=rng.normal(size=(16, 16)).astype(np.float32), wk=rng.normal(size=(16, 16)).astype(np.float32)),
     )
-    ann, _ = annotate(model)
+    ann, _ = annotate(model, SchemeOptions(quantize_activation_matmuls=False))
     by_output = {n.outputs[0].name: n.meta[DECISION_KEY] for n in model.graph}
     assert by_output["q"].quantized and by_output["k"].quantized
     assert by_output["s"].reason == ACTIVATION_MATMUL and by_output["y"].reason == ACTIVATION_MATMUL
