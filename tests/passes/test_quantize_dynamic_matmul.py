@@ -6,7 +6,7 @@ import onnx_ir.passes.common as common_passes
 import pytest
 
 import qcompile
-from qcompile.options import CompileOptions, SchemeOptions, VerificationOptions, WeightGranularity
+from qcompile.options import CompileOptions, SchemeOptions, SmoothQuantOptions, VerificationOptions, WeightGranularity
 from qcompile.passes import QuantizeDynamicMatMulPass
 from qcompile.verify.fusion import check_fusion, optimized_graph
 from tests.helpers import count_ops, parse_model, run, sqnr_db, to_proto
@@ -160,8 +160,9 @@ def test_matmul_after_an_int8_op_keeps_the_static_form():
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_option_off_restores_the_static_model(dynamic):
     make = _model()
+    # SmoothQuant off: the static reference below is the plain annotate → calibrate → Q/DQ path.
     options = CompileOptions(scheme=SchemeOptions(dynamic_matmul=dynamic), verification=VerificationOptions(enabled=False),
-                             show_progress=False)
+                             smooth_quant=SmoothQuantOptions(enabled=False), show_progress=False)
     feeds = _feeds()
     result = qcompile.compile_model(to_proto(make()), feeds, options)
     compiled = result.model

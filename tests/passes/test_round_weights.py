@@ -50,8 +50,10 @@ def _case(kind: str, seed: int = 0):
 
 def _compile(model, calib, rounding: str | None) -> qcompile.CompileResult:
     calibration = qcompile.CalibrationOptions() if rounding is None else qcompile.CalibrationOptions(weight_rounding=rounding)
+    # SmoothQuant off: the tests compare the stored integers with the model's own weights / scale.
     options = qcompile.CompileOptions(
-        calibration=calibration, verification=qcompile.VerificationOptions(enabled=False), show_progress=False
+        calibration=calibration, smooth_quant=qcompile.SmoothQuantOptions(enabled=False),
+        verification=qcompile.VerificationOptions(enabled=False), show_progress=False,
     )
     return qcompile.compile_model(model, calib, options)
 
