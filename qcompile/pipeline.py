@@ -39,6 +39,8 @@ from qcompile.passes import (
     RemoveDropoutPass,
 )
 from qcompile.passes.insert_observers import activation_groups, group_specs
+from qcompile.precision.int4 import int4_weights_pass
+from qcompile.precision.policy import PrecisionPolicy, rules_from_options
 from qcompile.quant.qparams import QParams
 from qcompile.report.model import PassRecord
 
@@ -79,7 +81,7 @@ def cleanup_passes() -> list[tuple[str, ir.passes.PassBase]]:
 
 
 def finalize_passes(
-    activation_qparams: dict[str, QParams], options: CompileOptions
+    activation_qparams: dict[str, QParams], options: CompileOptions, int4_nodes: tuple[str, ...] = ()
 ) -> list[tuple[str, ir.passes.PassBase]]:
     """After calibration: numbers, then Q/DQ nodes."""
     passes = [
@@ -88,6 +90,11 @@ def finalize_passes(
         # the weights with the final scales.
         ("derive_bias", DeriveBiasPass()),
         ("place_qdq", PlaceQDQPass()),
+    ]
+    if int4_nodes:
+        # After placement, on the MatMuls annotation kept float for their int4 weights.
+        passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
+    passes += [
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]
@@ -261,23 +268,39 @@ def calibration_stage(
     return activation_qparams, summary
 
 
+def precision_policy(options: CompileOptions) -> PrecisionPolicy:
+    """The user's per-layer overrides (``keep_float``, ``precision``) as one policy."""
+    return PrecisionPolicy(rules_from_options(options.scheme.keep_float, options.precision.precision))
+
+
+def annotate_stage(model: ir.Model, runner: PassRunner, policy: PrecisionPolicy | None = None) -> ir.Model:
+    """Annotation under the precision policy: its fp32 and int4 nodes stay float, with the reason."""
+    policy = policy or precision_policy(runner.options)
+    return runner.run(model, [("annotate", AnnotatePass(runner.options.scheme, policy.float_reasons(model.graph)))])
+
+
 def compile_ir(
-    model: ir.Model, calibration_feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
+    model: ir.Model,
+    calibration_feeds: Iterable[dict[str, np.ndarray]],
+    total: int | None,
+    runner: PassRunner,
+    policy: PrecisionPolicy | None = None,
 ) -> tuple[ir.Model, CalibrationSummary]:
     """The whole pipeline on one IR: clean up → annotate → observe → calibrate → Q/DQ.
 
     ``model`` is modified in place and returned.
     """
     options = runner.options
+    policy = policy or precision_policy(options)
     model = runner.run(model, cleanup_passes())
     # Bias correction compares against the cleaned float model (same tensor names and meanings).
     batches = options.calibration.bias_correction_batches
     reference = ir.to_proto(model) if batches else None
-    model = runner.run(model, [("annotate", AnnotatePass(options.scheme))])
+    model = annotate_stage(model, runner, policy)
     # After annotation: observers are per annotated group, and the cache key hashes the annotated model.
     activation_qparams, summary = calibration_stage(model, calibration_feeds, total, runner)
     summary.zero_range = tuple(group for group, qparams in activation_qparams.items() if qparams.zero_range)
-    model = runner.run(model, finalize_passes(activation_qparams, options))
+    model = runner.run(model, finalize_passes(activation_qparams, options, policy.int4_nodes(model.graph)))
     if reference is not None:
         # After placement: it measures the quantized model as it will run.
         feeds = list(itertools.islice(iter(calibration_feeds), batches))

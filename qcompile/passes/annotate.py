@@ -24,6 +24,7 @@ Precondition: shape inference has run (dtypes are known) and the graph is topolo
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -77,15 +78,20 @@ class _Groups:
 
 
 class AnnotatePass(ir.passes.InPlacePass):
-    def __init__(self, scheme: SchemeOptions) -> None:
+    def __init__(self, scheme: SchemeOptions, float_reasons: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.scheme = scheme
+        # From the precision policy (qcompile.precision.policy), which resolves keep_float, --precision
+        # and the automatic assignment in one place: node name -> why it stays float. None: keep_float.
+        self.float_reasons = None if float_reasons is None else dict(float_reasons)
         dtype = QuantDType.UINT8 if scheme.activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
         self._activation_spec = QuantSpec(dtype, symmetric=False)
 
     # -- decisions ---------------------------------------------------------------------------
 
     def _kept_float_by_user(self, node: ir.Node) -> str | None:
+        if self.float_reasons is not None:
+            return self.float_reasons.get(node.name or "")
         for pattern in self.scheme.keep_float:
             if pattern == node.op_type or (node.name and fnmatch.fnmatchcase(node.name, pattern)):
                 return f"kept float by keep_float {pattern!r}"
