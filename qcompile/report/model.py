@@ -97,6 +97,8 @@ class CompileReport:
     fusion: dict[str, Any] | None = None
     output_path: str | None = None
     seconds: float = 0.0
+    # The precision search or recipe replay (qcompile.precision), when one ran.
+    precision: dict[str, Any] | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -122,6 +124,7 @@ class CompileReport:
             "fusion": self.fusion,
             "verification": self.verification,
             "seconds": round(self.seconds, 3),
+            **({"precision": self.precision} if self.precision is not None else {}),
         }
 
     def to_json_text(self) -> str:

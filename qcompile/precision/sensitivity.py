@@ -1,0 +1,94 @@
+"""Per-layer sensitivity: how much output SQNR keeping one layer in float buys back.
+
+Every layer is measured by the same experiment: quantize everything (the all-int8 model), then keep
+just that layer float, and take the output SQNR gain in dB over the all-int8 model
+(``gain = SQNR(all int8 but L) - SQNR(all int8)``). The measurement runs on a ranking subset of the
+calibration data: the samples where the float and all-int8 outputs differ most (largest
+1 - cosine), where a layer's damage shows first. Candidates are built from the one calibration's
+ranges (``ranges.build_candidate``) and run batched (``evaluate.Evaluator``).
+
+Results are cached beside the calibration cache (``<cache>.sensitivity.json``), keyed by the
+calibration cache's fingerprint (model, data, settings), the policy's rules and the ranking samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompile.graph.io import write_bytes_atomic
+from qcompile.precision.budget import min_sqnr_db, sample_errors
+from qcompile.precision.evaluate import Evaluator, Feed
+
+FORMAT = "qcompile-sensitivity/1"
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    name: str
+    op_type: str
+    sqnr_db: float  # output SQNR on the ranking subset with only this layer float
+    gain_db: float  # over the all-int8 model on the same subset
+
+
+def ranking_subset(samples: Sequence[Feed], reference, int8_outputs, size: int) -> list[int]:
+    """Indices of the ``size`` samples whose all-int8 outputs are furthest from float's (1 - cosine)."""
+    errors = sample_errors(reference, int8_outputs)
+    order = np.argsort(-np.asarray(errors), kind="stable")[:size]
+    return sorted(int(i) for i in order)
+
+
+def measure(
+    layers: Sequence[tuple[str, str]],
+    build: Callable[[frozenset[str]], onnx.ModelProto],
+    evaluator: Evaluator,
+    int8_sqnr: float,
+) -> list[LayerSensitivity]:
+    """Keep-one-float gain of each (name, op_type), most sensitive first."""
+    out = []
+    for name, op_type in layers:
+        sqnr = min_sqnr_db(evaluator.reference, evaluator.run(build(frozenset([name]))))
+        gain = sqnr - int8_sqnr if math.isfinite(sqnr) else 99.0
+        out.append(LayerSensitivity(name, op_type, float(sqnr), float(gain)))
+    return sorted(out, key=lambda s: -s.gain_db)
+
+
+def cache_path(calibration_cache: str | None) -> Path | None:
+    return None if calibration_cache is None else Path(f"{calibration_cache}.sensitivity.json")
+
+
+def cache_key(calibration_fingerprint: str, rules: Sequence[str], samples: Sequence[Feed]) -> str:
+    digest = hashlib.sha256(json.dumps({"calibration": calibration_fingerprint, "rules": list(rules)}).encode())
+    for feed in samples:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def read_cached(path: Path | None, key: str) -> list[LayerSensitivity] | None:
+    """The cached sensitivities for ``key``; None when absent or made for another key (recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_bytes())
+        if content.get("format") != FORMAT or content.get("key") != key:
+            return None
+        return [LayerSensitivity(str(e["name"]), str(e["op_type"]), float(e["sqnr_db"]), float(e["gain_db"])) for e in content["layers"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(path: Path | None, key: str, layers: Sequence[LayerSensitivity]) -> None:
+    if path is None:
+        return
+    content = {"format": FORMAT, "key": key, "layers": [asdict(s) for s in layers]}
+    write_bytes_atomic(path, (json.dumps(content, indent=1) + "\n").encode())
