@@ -7,6 +7,7 @@ Called by ``qcompile.api.compile_model`` when a budget or a recipe is given, in 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ from qcompile.precision.cost import measure_costs
 from qcompile.precision.evaluate import Evaluator, pack, split_samples
 from qcompile.precision.plot import front_html, front_table
 from qcompile.precision.policy import SEARCHED_OPS, Assignment, Precision, PrecisionPolicy
-from qcompile.precision.ranges import build_candidate, ranges_by_tensor
+from qcompile.precision.ranges import annotated_activations, build_candidate, observe_every_activation, ranges_by_tensor
 from qcompile.precision.regions import layer_graph
-from qcompile.precision.search import Search, SearchResult, pareto_front
+from qcompile.precision.search import Point, Search, SearchResult, pareto_front
 from qcompile.quant.spec import DECISION_KEY
 from qcompile.verify.latency import measure_latency
 
@@ -45,7 +46,7 @@ SEARCH_SAMPLES = 128
 HELD_OUT_SAMPLES = 128
 RANKING_SAMPLES = 16
 # Candidate models timed for the Pareto front (latency is the slowest measurement).
-TIMED_POINTS = 8
+TIMED_POINTS = 5
 
 
 @dataclass
@@ -130,6 +131,9 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
     start = time.perf_counter()
     base = precision_policy(options)
     annotated = annotate_stage(model, runner, base)
+    activations = annotated_activations(annotated)
+    if activations:
+        observe_every_activation(annotated, activations[0][1].spec)
     group_qparams, summary = calibration_stage(annotated, feeds, total, runner)
     tensor_ranges = ranges_by_tensor(annotated, group_qparams)
     timings = {"calibrate": time.perf_counter() - start}
@@ -163,12 +167,12 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
     sensitivities = sens.read_cached(cache, key)
     cached = sensitivities is not None
     if sensitivities is None:
-        sensitivities = sens.measure(layers, build, ranker, int8_sqnr)
+        sensitivities = sens.measure(layers, int8.proto, cleaned, ranker, int8_sqnr)
         sens.write_cached(cache, key, sensitivities)
     timings["sensitivity"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    costs, cost_totals = measure_costs(cleaned, int8.proto, names, _weight_values(int8.model, names), samples[0])
+    costs, cost_totals = measure_costs(cleaned, int8.proto, names, _weight_values(ir.from_proto(cleaned), names), samples[0])
     timings["cost"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -184,10 +188,13 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
         timed.append(chosen)
     models = {f"p{i}": build(frozenset(p.float_layers)) for i, p in enumerate(timed)}
     models["float"] = cleaned
-    latency = measure_latency(models, samples[0], threads=1, warmup=2, runs=10)
+    latency = measure_latency(models, samples[0], threads=1, warmup=2, runs=8)
     for i, p in enumerate(timed):
         p.latency_ms = round(latency[f"p{i}"].median_ms, 4)
     float_ms = latency["float"].median_ms
+    float_outputs = evaluator.reference
+    float_value, _ = budget.evaluate(float_outputs, float_outputs)
+    float_point = Point("float model", tuple(names), float_value, True, math.inf, cleaned.ByteSize(), round(float_ms, 4))
     timings["latency"] = time.perf_counter() - t
 
     policy = _policy(base, chosen.float_layers, reasons)
@@ -196,11 +203,12 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
         budget=budget.text, met=met, chosen=chosen, reasons=reasons, points=search.points, sensitivities=sensitivities,
         costs=costs, layers=len(layers), seconds=time.perf_counter() - start, message="", timings=timings,
     )
-    searched_front = [p for p in front if p.latency_ms is not None] or front
+    searched_front = ([p for p in front if p.latency_ms is not None] or front) + [float_point]
     unmet = None
     if not met:
+        why = f"stopped at the {search.time_limit_s:.0f} s search limit" if search.timed_out else "cannot be met by any assignment tried"
         unmet = (
-            f"budget {budget.text} cannot be met by any assignment tried ({len(search.points)} models, "
+            f"budget {budget.text} {why} ({len(search.points)} models, "
             f"{len(chosen.float_layers)} of {len(layers)} layers float at best): best reachable {chosen.value:.6g}"
         )
     report = _report(result, searched_front, cached, float_ms, cleaned.ByteSize(), cost_totals, unmet)
@@ -242,6 +250,7 @@ def _report(result: SearchResult, front, cached: bool, float_ms: float, float_by
         "float_bytes": float_bytes,
         "profiled": {k: round(v, 4) for k, v in cost_totals.items()},
         "models_evaluated": len(result.points),
+        "cost_model": "latency from onnxruntime's profiler (float at basic level vs int8 at all, 1 thread) + exact weight bytes",
         "sensitivity_cached": cached,
         "sensitivity": [
             {"name": s.name, "op_type": s.op_type, "gain_db": round(s.gain_db, 3)} for s in result.sensitivities[:10]

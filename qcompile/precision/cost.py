@@ -75,12 +75,14 @@ def measure_costs(
     int8_times = _node_times(int8_model, feed, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, runs)
     int8_total_ms = max(sum(int8_times.values()), 1e-6)
     int8_size = max(int8_model.ByteSize(), 1)
-    costs = {}
+    raw = {}
     for name in layers:
         latency = max(0.0, float_times.get(name, 0.0) - int8_times.get(name, 0.0))
         size = 3 * weight_values.get(name, 0)
-        # A floor keeps a free-looking layer (profiled at 0) from an infinite gain per cost.
-        relative = max(latency / int8_total_ms + size / int8_size, 1e-4)
-        costs[name] = LayerCost(latency, size, relative)
+        raw[name] = (latency, size, latency / int8_total_ms + size / int8_size)
+    # A floor (a quarter of the median layer's cost) keeps a layer the profiler could not credit, or
+    # one too small to time, from an unbounded gain per cost.
+    floor = max(0.25 * float(np.median([r[2] for r in raw.values()])) if raw else 0.0, 1e-4)
+    costs = {name: LayerCost(latency, size, max(relative, floor)) for name, (latency, size, relative) in raw.items()}
     totals = {"int8_ms": int8_total_ms, "float_ms": sum(float_times.values()), "int8_bytes": int8_size}
     return costs, totals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 
 from qcompile.precision.search import Point
@@ -18,7 +19,7 @@ def front_table(points: Sequence[Point], budget: str, chosen: Point | None) -> l
             p.label,
             str(len(p.float_layers)),
             f"{p.value:.5g}",
-            f"{p.sqnr_db:.2f}",
+            f"{p.sqnr_db:.2f}" if math.isfinite(p.sqnr_db) else "inf",
             f"{p.size_bytes / 1024:.1f}",
             "-" if p.latency_ms is None else f"{p.latency_ms:.3f}",
             ("chosen" if chosen is not None and p.float_layers == chosen.float_layers else "") + ("" if p.ok else " (misses)"),

@@ -5,6 +5,12 @@ model with more nodes kept float; its groups are then (mostly) subsets of the ca
 the same member tensors. So ranges are stored by tensor — every annotated tensor takes its group's
 qparams — and a candidate's group takes the range of its representative tensor, or failing that of
 any member. No candidate ever re-runs calibration, and a recipe replays from these same numbers.
+
+A candidate can also quantize a tensor the all-int8 annotation did not: keeping a Conv float stops
+its producer's Relu from being quantized, so the producer's pre-activation output becomes the int8
+boundary. So before the one calibration, ``observe_every_activation`` marks every float tensor a
+quantizable node produces (each its own group) for observation too: every candidate then finds a
+calibrated range for every tensor it quantizes.
 """
 
 from __future__ import annotations
@@ -19,13 +25,27 @@ from qcompile.errors import UsageError
 from qcompile.options import CompileOptions
 from qcompile.pipeline import PassRunner, annotate_stage, finalize_passes
 from qcompile.precision.policy import PrecisionPolicy
+from qcompile.passes.op_rules import rule_for
 from qcompile.quant.qparams import QParams
-from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation
+from qcompile.quant.spec import ANNOTATION_KEY, ActivationAnnotation, QuantSpec
 
 
 def annotated_activations(model: ir.Model) -> list[tuple[ir.Value, ActivationAnnotation]]:
     values = list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]
     return [(v, a) for v in values if isinstance(a := v.meta.get(ANNOTATION_KEY), ActivationAnnotation)]
+
+
+def observe_every_activation(model: ir.Model, spec: QuantSpec) -> int:
+    """Annotate (for calibration only) every unannotated float output of a node in the op table."""
+    added = 0
+    for node in model.graph:
+        if rule_for(node.op_type, node.domain) is None:
+            continue
+        for value in node.outputs:
+            if value.dtype == ir.DataType.FLOAT and value.meta.get(ANNOTATION_KEY) is None:
+                value.meta[ANNOTATION_KEY] = ActivationAnnotation(spec, value.name)
+                added += 1
+    return added
 
 
 def ranges_by_tensor(model: ir.Model, group_qparams: Mapping[str, QParams]) -> dict[str, QParams]:

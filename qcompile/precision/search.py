@@ -7,7 +7,8 @@
 3. Greedy promotion: the layer with the largest gain per cost goes float — a promotion that would
    open a new float region is charged extra (``regions.py``), and int8 layers left as islands
    between float layers go float with it — then the real model is built from the cached ranges and
-   evaluated. This repeats until the budget holds.
+   evaluated. This repeats until the budget holds, each step taking twice as many layers as the
+   last (1, 2, 4, ...) so that a budget needing many layers costs a few builds, not one per layer.
 4. Demotion sweep: promoted layers, cheapest gain per cost first, return to int8 wherever the
    budget still holds without them (never out of the middle of a float region).
 5. The result is checked on held-out samples; if it misses there, the search resumes with the
@@ -35,6 +36,8 @@ from qcompile.precision.sensitivity import LayerSensitivity
 
 # A promotion that opens a new float region costs this much more (a Q/DQ boundary pair and a kernel switch).
 REGION_PENALTY = 0.5
+# Gains below this (dB) are within the ranking subset's noise: such layers are tried last.
+MIN_GAIN_DB = 0.01
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Search:
         evaluator: Evaluator,
         held_out: Evaluator | None,
         graph: nx.DiGraph,
-        time_limit_s: float = 100.0,
+        time_limit_s: float = 50.0,
     ) -> None:
         self.budget = budget
         self.layers = [name for name, _ in layers]
@@ -101,6 +104,7 @@ class Search:
         self.graph = graph
         self.time_limit_s = time_limit_s
         self.points: list[Point] = []
+        self.timed_out = False  # the greedy phase hit the time limit before meeting the budget
         self._memo: dict[frozenset[str], Point] = {}
         self._start = time.perf_counter()
 
@@ -112,9 +116,13 @@ class Search:
         main = self.evaluators[0]
         outputs = main.run(model)
         value, ok = self.budget.evaluate(main.reference, outputs)
+        held_value = None
         for extra in self.evaluators[1:]:
-            ok = ok and self.budget.evaluate(extra.reference, extra.run(model))[1]
+            extra_value, extra_ok = self.budget.evaluate(extra.reference, extra.run(model))
+            ok = ok and extra_ok
+            held_value = extra_value if extra is self.held_out else held_value
         point = Point(label, tuple(sorted(float_layers)), value, ok, min_sqnr_db(main.reference, outputs), model.ByteSize())
+        point.held_out_value = held_value
         self.points.append(point)
         self._memo[float_layers] = point
         return point
@@ -129,18 +137,29 @@ class Search:
         best = current
         float_set: set[str] = set()
         for attempt in range(2):  # the second round only when the held-out check fails
-            while not current.ok and time.perf_counter() - self._start < self.time_limit_s:
-                pick = self._next(float_set, gain, costs)
-                if pick is None:
+            step = 1
+            while not current.ok:
+                if time.perf_counter() - self._start > self.time_limit_s:
+                    self.timed_out = True
                     break
-                float_set.add(pick)
-                reasons[pick] = f"kept float by the precision search: +{gain.get(pick, 0.0):.2f} dB"
-                for island in float_regions.islands(self.graph, float_set):
-                    float_set.add(island)
-                    reasons[island] = "kept float by the precision search: between float layers (one contiguous region)"
+                picks = []
+                for _ in range(step):
+                    pick = self._next(float_set, gain, costs)
+                    if pick is None:
+                        break
+                    picks.append(pick)
+                    float_set.add(pick)
+                    reasons[pick] = f"kept float by the precision search: {gain.get(pick, 0.0):+.2f} dB"
+                    for island in float_regions.islands(self.graph, float_set):
+                        float_set.add(island)
+                        reasons[island] = "kept float by the precision search: between float layers (one contiguous region)"
+                if not picks:
+                    break
                 current = self.evaluate(frozenset(float_set), f"{len(float_set)} float")
                 if self._better(current, best) or current.ok:
                     best = current
+                # Still short: take larger steps (the demotion sweep gives back what was overshot).
+                step *= 2
             if not current.ok:
                 break
             current = self._demote(float_set, gain, costs, reasons, current)
@@ -163,7 +182,7 @@ class Search:
         if not left:
             return None
         # Layers measured to help first; the rest (gain <= 0 alone) only once those are used up.
-        helpful = [name for name in left if gain.get(name, 0.0) > 0.0] or left
+        helpful = [name for name in left if gain.get(name, 0.0) > MIN_GAIN_DB] or left
         before = float_regions.regions(self.graph, float_set)
 
         def score(name: str) -> float:

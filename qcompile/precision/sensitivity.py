@@ -2,7 +2,11 @@
 
 Every layer is measured by the same experiment: quantize everything (the all-int8 model), then keep
 just that layer float, and take the output SQNR gain in dB over the all-int8 model
-(``gain = SQNR(all int8 but L) - SQNR(all int8)``). The measurement runs on a ranking subset of the
+(``gain = SQNR(all int8 but L) - SQNR(all int8)``). "Keep L float" is made by editing the all-int8
+model rather than recompiling it: L reads the float tensors its DequantizeLinear inputs came from
+(the float weight from the cleaned model, the activation before its QuantizeLinear), so it computes in
+float from unrounded inputs; what L's output feeds is unchanged. That costs a proto edit and a
+session per layer instead of a compile, and the search then measures real compiled models. The measurement runs on a ranking subset of the
 calibration data: the samples where the float and all-int8 outputs differ most (largest
 1 - cosine), where a layer's damage shows first. Candidates are built from the one calibration's
 ranges (``ranges.build_candidate``) and run batched (``evaluate.Evaluator``).
@@ -16,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,16 +49,34 @@ def ranking_subset(samples: Sequence[Feed], reference, int8_outputs, size: int) 
     return sorted(int(i) for i in order)
 
 
+def keep_float_variant(int8: onnx.ModelProto, cleaned: onnx.ModelProto, layer: str) -> onnx.ModelProto:
+    """The all-int8 model with ``layer`` reading its float inputs (its weights from ``cleaned``)."""
+    variant = onnx.ModelProto()
+    variant.CopyFrom(int8)
+    float_node = next(n for n in cleaned.graph.node if n.name == layer)
+    node = next(n for n in variant.graph.node if n.name == layer)
+    have = {i.name for i in variant.graph.initializer}
+    float_initializers = {i.name: i for i in cleaned.graph.initializer}
+    for index, name in enumerate(float_node.input):
+        if index < len(node.input):
+            node.input[index] = name
+        if name in float_initializers and name not in have:
+            variant.graph.initializer.append(float_initializers[name])
+            have.add(name)
+    return variant
+
+
 def measure(
     layers: Sequence[tuple[str, str]],
-    build: Callable[[frozenset[str]], onnx.ModelProto],
+    int8: onnx.ModelProto,
+    cleaned: onnx.ModelProto,
     evaluator: Evaluator,
     int8_sqnr: float,
 ) -> list[LayerSensitivity]:
     """Keep-one-float gain of each (name, op_type), most sensitive first."""
     out = []
     for name, op_type in layers:
-        sqnr = min_sqnr_db(evaluator.reference, evaluator.run(build(frozenset([name]))))
+        sqnr = min_sqnr_db(evaluator.reference, evaluator.run(keep_float_variant(int8, cleaned, name)))
         gain = sqnr - int8_sqnr if math.isfinite(sqnr) else 99.0
         out.append(LayerSensitivity(name, op_type, float(sqnr), float(gain)))
     return sorted(out, key=lambda s: -s.gain_db)
