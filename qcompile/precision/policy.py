@@ -167,7 +167,8 @@ class PrecisionPolicy:
         reasons = {}
         for name, assignment in self.resolve_graph(graph).items():
             if assignment.precision == Precision.FP32:
-                reasons[name] = f"kept float {assignment.reason}".strip()
+                reason = assignment.reason
+                reasons[name] = reason if reason.startswith("kept float") else f"kept float {reason}".strip()
             elif assignment.precision == Precision.INT4:
                 reasons[name] = f"int4 weights {assignment.reason}".strip()
         return reasons
