@@ -107,3 +107,20 @@ def test_cli_budget_then_recipe(tmp_path):
     onnx.save(to_proto(chain(seed=4)), stale)
     run = CliRunner().invoke(main, ["compile", str(stale), "-o", str(tmp_path / "c.onnx"), "--calib", str(calib), "--recipe", recipe])
     assert run.exit_code == 2 and run.output.count("\n") == 1 and "another model" in run.output
+
+
+def test_sensitivity_is_cached_beside_the_calibration_cache(tmp_path):
+    model = to_proto(chain(outlier=400.0))
+    cache = tmp_path / "calib.json"
+    options = CompileOptions(
+        show_progress=False,
+        calibration=qcompile.CalibrationOptions(cache=cache),
+        precision=PrecisionOptions(budget="sqnr>=25"),
+    )
+    first = qcompile.compile_model(model, feeds(), options)
+    sensitivity = tmp_path / "calib.json.sensitivity.json"
+    assert sensitivity.exists() and not first.report.precision["sensitivity_cached"]
+    second = qcompile.compile_model(model, feeds(), options)
+    assert second.report.precision["sensitivity_cached"] and second.report.calibration["cache_hit"]
+    assert second.model.SerializeToString() == first.model.SerializeToString()
+    assert second.report.precision["sensitivity"] == first.report.precision["sensitivity"]
