@@ -8,7 +8,9 @@
    open a new float region is charged extra (``regions.py``), and int8 layers left as islands
    between float layers go float with it — then the real model is built from the cached ranges and
    evaluated. This repeats until the budget holds, each step taking twice as many layers as the
-   last (1, 2, 4, ...) so that a budget needing many layers costs a few builds, not one per layer.
+   last (1, 2, 4, ...) so that a budget needing many layers costs a few builds, not one per layer;
+   the step that meets it is then bisected back to the shortest prefix of the promotion order that
+   still meets it.
 4. Demotion sweep: promoted layers, cheapest gain per cost first, return to int8 wherever the
    budget still holds without them (never out of the middle of a float region).
 5. The result is checked on held-out samples; if it misses there, the search resumes with the
@@ -138,28 +140,35 @@ class Search:
         float_set: set[str] = set()
         for attempt in range(2):  # the second round only when the held-out check fails
             step = 1
+            order: list[str] = []  # promotions in the order taken (islands right after their cause)
+            last_short = len(float_set)
             while not current.ok:
                 if time.perf_counter() - self._start > self.time_limit_s:
                     self.timed_out = True
                     break
                 picks = []
+                last_short = len(order)
                 for _ in range(step):
                     pick = self._next(float_set, gain, costs)
                     if pick is None:
                         break
                     picks.append(pick)
                     float_set.add(pick)
+                    order.append(pick)
                     reasons[pick] = f"kept float by the precision search: {gain.get(pick, 0.0):+.2f} dB"
                     for island in float_regions.islands(self.graph, float_set):
                         float_set.add(island)
+                        order.append(island)
                         reasons[island] = "kept float by the precision search: between float layers (one contiguous region)"
                 if not picks:
                     break
                 current = self.evaluate(frozenset(float_set), f"{len(float_set)} float")
                 if self._better(current, best) or current.ok:
                     best = current
-                # Still short: take larger steps (the demotion sweep gives back what was overshot).
+                # Still short: take larger steps (bisection below gives back what was overshot).
                 step *= 2
+            if current.ok and len(order) - last_short > 1:
+                current = self._bisect(order, last_short, float_set, current)
             if not current.ok:
                 break
             current = self._demote(float_set, gain, costs, reasons, current)
@@ -191,6 +200,19 @@ class Search:
             return max(gain.get(name, 0.0), 1e-3) / (cost * (1.0 + REGION_PENALTY * max(0, new_regions)))
 
         return max(helpful, key=score)
+
+    def _bisect(self, order: list[str], short: int, float_set: set[str], met: Point) -> Point:
+        """The shortest prefix of the promotion order that still meets the budget (binary search)."""
+        lo, hi, best = short, len(order), met
+        while hi - lo > 1 and time.perf_counter() - self._start <= self.time_limit_s:
+            mid = (lo + hi) // 2
+            point = self.evaluate(frozenset(order[:mid]), f"{mid} float (bisecting)")
+            if point.ok:
+                hi, best = mid, point
+            else:
+                lo = mid
+        float_set.intersection_update(order[:hi])
+        return best
 
     def _demote(self, float_set, gain, costs, reasons, current: Point) -> Point:
         """Return promoted layers to int8 while the budget holds, least gain per cost first."""
