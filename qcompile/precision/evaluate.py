@@ -67,10 +67,8 @@ class Evaluator:
         self.feeds = list(feeds)
         self.threads = threads
         self.reference = self.run(float_model)
-        self.runs = 0
 
     def run(self, model: onnx.ModelProto) -> Outputs:
         session = make_session(model, intra_op_threads=self.threads)
         names = [o.name for o in session.get_outputs()]
-        outputs = [session.run(names, feed) for feed in self.feeds]
-        return outputs
+        return [session.run(names, feed) for feed in self.feeds]

@@ -6,7 +6,11 @@ just that layer float, and take the output SQNR gain in dB over the all-int8 mod
 model rather than recompiling it: L reads the float tensors its DequantizeLinear inputs came from
 (the float weight from the cleaned model, the activation before its QuantizeLinear), so it computes in
 float from unrounded inputs; what L's output feeds is unchanged. That costs a proto edit and a
-session per layer instead of a compile, and the search then measures real compiled models. The measurement runs on a ranking subset of the
+session per layer instead of a compile, and the search then measures real compiled models.
+The edit is exact for a layer fed straight from a quantized tensor (a Conv after a Relu); a layer
+fed through quantized data movement (an attention MatMul after Reshape/Transpose) still sees the
+rounding made before that movement, so its gain is underestimated — which the search, measuring
+real models, corrects at the cost of more steps. The measurement runs on a ranking subset of the
 calibration data: the samples where the float and all-int8 outputs differ most (largest
 1 - cosine), where a layer's damage shows first. Candidates are built from the one calibration's
 ranges (``ranges.build_candidate``) and run batched (``evaluate.Evaluator``).
