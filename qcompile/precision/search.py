@@ -171,6 +171,7 @@ class Search:
                 current = self._bisect(order, last_short, float_set, current)
             if not current.ok:
                 break
+            before_demotion = set(float_set)
             current = self._demote(float_set, gain, costs, reasons, current)
             if self.held_out is None or attempt == 1:
                 break
@@ -178,8 +179,12 @@ class Search:
             current.held_out_value = value
             if ok:
                 break
-            # Missed on held-out samples: require them too and keep promoting.
+            # Missed on held-out samples: require them too. The demotion sweep went to the edge of the
+            # search samples; the set before it had margin, so it is tried first, then promotion resumes.
             self.evaluators.append(self.held_out)
+            if before_demotion != float_set:
+                float_set.clear()
+                float_set.update(before_demotion)
             current = self.evaluate(frozenset(float_set), f"{len(float_set)} float (held-out required)")
         met = current.ok
         chosen = current if met else best
