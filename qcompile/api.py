@@ -152,10 +152,9 @@ def compile_model(
     if mixed is None:
         qmodel.metadata_props["qcompile.options"] = json.dumps(options.to_dict(), sort_keys=True)
     else:
-        # A search and its recipe replay give the same bytes: the metadata names the assignment,
-        # not the budget or recipe path that led to it.
-        plain = {k: v for k, v in options.to_dict().items() if k != "precision"}
-        qmodel.metadata_props["qcompile.options"] = json.dumps(plain, sort_keys=True)
+        # A search and its recipe replay give the same bytes: the metadata holds the settings that
+        # shape the model and the assignment, not the budget, recipe path or display flags.
+        qmodel.metadata_props["qcompile.options"] = json.dumps(mixed.recipe.settings, sort_keys=True)
         qmodel.metadata_props["qcompile.precision"] = json.dumps(mixed.recipe.to_json()["layers"], sort_keys=True)
     qmodel.metadata_props["qcompile.calibration_fingerprint"] = calibration_summary.fingerprint
     quant_proto = ir.to_proto(qmodel)

@@ -100,7 +100,8 @@ def test_cli_budget_then_recipe(tmp_path):
     assert run.exit_code == 0, run.output
     assert "Pareto front" in run.output and "kept float by the precision search" in run.output
     recipe = f"{first}.recipe.json"
-    run = CliRunner().invoke(main, ["compile", str(model), "-o", str(second), "--calib", str(calib), "--recipe", recipe])
+    # Display flags (--quiet) do not change the bytes.
+    run = CliRunner().invoke(main, ["compile", str(model), "-o", str(second), "--calib", str(calib), "--recipe", recipe, "--quiet"])
     assert run.exit_code == 0, run.output
     assert first.read_bytes() == second.read_bytes()
     stale = tmp_path / "other.onnx"
