@@ -23,6 +23,7 @@ from qcompile.options import (  # noqa: E402
     CalibrationOptions,
     CompileOptions,
     OutputOptions,
+    PrecisionOptions,
     SchemeOptions,
     Target,
     SmoothQuantOptions,

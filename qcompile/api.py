@@ -45,10 +45,14 @@ class CompileResult:
     model: onnx.ModelProto
     report: CompileReport
     verification: VerificationResult | None
+    # With a budget or a recipe (qcompile.precision): the recipe and the Pareto page to save.
+    precision: Any = None
 
     @property
     def failure(self) -> str | None:
-        """Why the compile misses a gate (``min_sqnr``, ``strict_fusion``), or None."""
+        """Why the compile misses a gate (``min_sqnr``, ``strict_fusion``, a budget), or None."""
+        if self.precision is not None and self.precision.unmet:
+            return f"FAIL: {self.precision.unmet}"
         verification = self.report.verification
         if verification is not None and not verification.get("passed", True):
             return verification["verdict"]
@@ -71,6 +75,9 @@ class CompileResult:
             save_model_atomic(self.model, path, force=False)  # raises OutputExistsError
         self.report.output_path = str(path)
         write_bytes_atomic(report_path(path), self.report.to_json_text().encode())
+        if self.precision is not None and self.report.precision.get("mode") == "search":
+            self.precision.recipe.save(f"{os.fspath(path)}.recipe.json")
+            write_bytes_atomic(Path(f"{os.fspath(path)}.pareto.html"), self.precision.html.encode())
         save_model_atomic(self.model, path, force=force)  # force also covers a stray <path>.data
         return path
 
@@ -95,6 +102,7 @@ def compile_model(
     options: CompileOptions | None = None,
     *,
     verify_data: CalibrationData | None = None,
+    budget: Any = None,
 ) -> CompileResult:
     """Quantize ``model`` to an int8 QDQ model calibrated on ``calibration``, and verify it.
 
@@ -102,6 +110,10 @@ def compile_model(
     DataLoader), a ``FeedSource``, or ``"random"`` (a loud warning in the report). Without
     ``verify_data``, verification uses a held-out part of the calibration data (said in the report).
     The input model is never modified.
+
+    ``budget`` (or ``options.precision.budget``): search per-layer precisions for the cheapest model
+    meeting it — a ``qcompile.precision.budget.Budget``, budget text, or a callable
+    ``(float_outputs, quantized_outputs) -> (value, ok)``. ``options.precision.recipe`` replays a search.
     """
     options = options or CompileOptions()
     start = time.perf_counter()
@@ -135,11 +147,24 @@ def compile_model(
         calib = limit(calib, options.calibration.max_samples)
 
     runner = PassRunner(options)
-    qmodel, calibration_summary = compile_ir(loaded.model, calib, len(calib), runner)
+    mixed = None
+    if budget is not None or options.precision.budget or options.precision.recipe:
+        from qcompile.precision.compile import as_budget, compile_mixed
+
+        mixed = compile_mixed(loaded.model, calib, len(calib), runner, verify_feeds=verify_source, budget=as_budget(budget))
+        qmodel, calibration_summary = mixed.model, mixed.summary
+    else:
+        qmodel, calibration_summary = compile_ir(loaded.model, calib, len(calib), runner)
     warnings += _calibration_warnings(calibration_summary)
     _check_output_bounds(qmodel, options)
     qmodel.metadata_props["qcompile.version"] = __version__
-    qmodel.metadata_props["qcompile.options"] = json.dumps(options.to_dict(), sort_keys=True)
+    if mixed is None:
+        qmodel.metadata_props["qcompile.options"] = json.dumps(options.to_dict(), sort_keys=True)
+    else:
+        # A search and its recipe replay give the same bytes: the metadata holds the settings that
+        # shape the model and the assignment, not the budget, recipe path or display flags.
+        qmodel.metadata_props["qcompile.options"] = json.dumps(mixed.recipe.settings, sort_keys=True)
+        qmodel.metadata_props["qcompile.precision"] = json.dumps(mixed.recipe.to_json()["layers"], sort_keys=True)
     qmodel.metadata_props["qcompile.calibration_fingerprint"] = calibration_summary.fingerprint
     quant_proto = ir.to_proto(qmodel)
     try:
@@ -205,10 +230,11 @@ def compile_model(
         notes=report_notes + notes(qmodel),
         warnings=warnings,
         seconds=time.perf_counter() - start,
+        precision=None if mixed is None else mixed.report,
     )
     # Pass notes are printed with their pass; keep the top-level list for load/data notes.
     report.notes = report_notes
-    return CompileResult(model=quant_proto, report=report, verification=verification)
+    return CompileResult(model=quant_proto, report=report, verification=verification, precision=mixed)
 
 
 def _verdict(result: VerificationResult, min_sqnr: float | None, data_desc: str) -> dict[str, Any]:

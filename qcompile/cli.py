@@ -25,6 +25,7 @@ from qcompile.options import (
     CalibrationOptions,
     CompileOptions,
     OutputOptions,
+    PrecisionOptions,
     SchemeOptions,
     Target,
     SmoothQuantOptions,
@@ -143,6 +144,9 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             allow_contrib_ops=not flags["no_contrib_ops"],
             keep_node_metadata=flags["keep_node_metadata"],
         ),
+        precision=PrecisionOptions(
+            precision=tuple(flags["precision"]), budget=flags["budget"], recipe=flags["recipe"]
+        ),
         dump_ir_after=tuple(flags["dump_ir_after"]),
         show_progress=not flags["quiet"],
     )
@@ -176,6 +180,13 @@ def _choice(enum_cls) -> click.Choice:
               help="MatMuls reading a float op's output quantize it at run time (DynamicQuantizeLinear).")
 @click.option("--no-quantize-activation-matmuls", is_flag=True,
               help="Keep MatMuls of two activations (attention's Q·Kᵀ, softmax·V) float.")
+@click.option("--precision", multiple=True, metavar="PATTERN=PRECISION",
+              help="Per-layer precision (fp32|int8|int4|fp16|int16) by node name, fnmatch pattern or op type. Repeatable.")
+@click.option("--budget", default=None, metavar="METRIC>=VALUE",
+              help="Search the cheapest per-layer precisions meeting this: cosine>=0.999, sqnr>=35, top1-drop<=0.5. "
+                   "Writes OUTPUT.recipe.json and OUTPUT.pareto.html.")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="Replay a recipe JSON from a search: no search, no calibration, the same model bytes.")
 @click.option("--calibration-method", type=_choice(CalibrationMethod), default=_CALIBRATION_DEFAULTS.method.value,
               show_default=True, help="How activation ranges are chosen from calibration (README: Calibration methods).")
 @click.option("--percentile", type=float, default=_CALIBRATION_DEFAULTS.percentile, show_default=True,

@@ -237,6 +237,32 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class PrecisionOptions:
+    """Per-layer precision (``qcompile.precision``): overrides, the accuracy budget, a recipe to replay."""
+
+    # PATTERN=PRECISION (fp32, int8, int4, fp16, int16), by node name, fnmatch pattern or op type.
+    precision: tuple[str, ...] = ()
+    # Search for the cheapest assignment meeting this budget: "cosine>=0.999", "sqnr>=35", "top1-drop<=0.5".
+    budget: str | None = None
+    # Replay a recipe JSON written by a search (no search, no calibration).
+    recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        from qcompile.precision.budget import parse_budget
+        from qcompile.precision.policy import parse_rule
+
+        object.__setattr__(self, "precision", tuple(self.precision))
+        for text in self.precision:
+            parse_rule(text)
+        if self.budget is not None:
+            parse_budget(self.budget)
+        if self.recipe is not None:
+            object.__setattr__(self, "recipe", os.fspath(self.recipe))
+        if self.recipe is not None and self.budget is not None:
+            raise UsageError("--recipe replays a finished search; it cannot be combined with --budget")
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     # What the model is compiled for; its profile (``qcompile/targets.py``) decides the scheme's
     # types and where Q/DQ go, or that float parts become fp16 (cuda).
@@ -246,6 +272,7 @@ class CompileOptions:
     smooth_quant: SmoothQuantOptions = field(default_factory=SmoothQuantOptions)
     verification: VerificationOptions = field(default_factory=VerificationOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    precision: PrecisionOptions = field(default_factory=PrecisionOptions)
     # Pass names after which the IR is printed (debugging); "all" for every pass.
     dump_ir_after: tuple[str, ...] = ()
     show_progress: bool = True

@@ -50,6 +50,8 @@ from qcompile.passes import (
 from qcompile.passes.annotate_ranges import max_abs_from_qparams
 from qcompile.passes.insert_observers import activation_groups, group_specs, range_method_overrides
 from qcompile.passes.round_weights import MAX_BATCHES as ROUNDING_BATCHES
+from qcompile.precision.int4 import int4_weights_pass
+from qcompile.precision.policy import PrecisionPolicy, rules_from_options
 from qcompile.quant.qparams import QParams
 from qcompile.report.model import PassRecord
 from qcompile.targets import Precision, TargetProfile, profile_for
@@ -96,7 +98,10 @@ def cleanup_passes(options: CompileOptions | None = None) -> list[tuple[str, ir.
 
 
 def finalize_passes(
-    activation_qparams: dict[str, QParams], options: CompileOptions, rounding_feeds: Sequence[Feed] = ()
+    activation_qparams: dict[str, QParams],
+    options: CompileOptions,
+    rounding_feeds: Sequence[Feed] = (),
+    int4_nodes: tuple[str, ...] = (),
 ) -> list[tuple[str, ir.passes.PassBase]]:
     """After calibration: numbers, then Q/DQ nodes."""
     optimized = options.calibration.weight_rounding == WeightRounding.OPTIMIZED
@@ -111,6 +116,11 @@ def finalize_passes(
         # After placement (it rewrites the placed Q → DQ → MatMul), before remove_unused (which
         # drops the static Q/DQ pairs it leaves unread).
         *([("quantize_dynamic_matmul", QuantizeDynamicMatMulPass())] if options.scheme.dynamic_matmul else []),
+    ]
+    if int4_nodes:
+        # After placement, on the MatMuls annotation kept float for their int4 weights.
+        passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
+    passes += [
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]
@@ -310,8 +320,24 @@ def calibration_stage(
     return activation_qparams, summary
 
 
+def precision_policy(options: CompileOptions) -> PrecisionPolicy:
+    """The user's per-layer overrides (``keep_float``, ``precision``) as one policy."""
+    return PrecisionPolicy(rules_from_options(options.scheme.keep_float, options.precision.precision))
+
+
+def _annotate(runner: PassRunner, model: ir.Model, policy: PrecisionPolicy) -> AnnotatePass:
+    options = runner.options
+    return AnnotatePass(options.scheme, profile_for(options.target), policy.float_reasons(model.graph))
+
+
+def annotate_stage(model: ir.Model, runner: PassRunner, policy: PrecisionPolicy | None = None) -> ir.Model:
+    """Annotation under the precision policy and the target: its fp32 and int4 nodes stay float, with the reason."""
+    policy = policy or precision_policy(runner.options)
+    return runner.run(model, [("annotate", _annotate(runner, model, policy))])
+
+
 def smoothing_stage(
-    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner, profile: TargetProfile
+    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner, policy: PrecisionPolicy
 ) -> ir.Model:
     """SmoothQuant on the annotated ``model``, then annotation again where it rewired the graph.
 
@@ -325,18 +351,23 @@ def smoothing_stage(
 
     pass_ = SmoothQuantPass(options.smooth_quant, options.scheme, options.calibration, statistics)
     if runner.run_one(model, "smooth_quant", pass_).modified:
-        model = runner.run(model, [("annotate_after_smoothing", AnnotatePass(options.scheme, profile))])
+        model = runner.run(model, [("annotate_after_smoothing", _annotate(runner, model, policy))])
     return model
 
 
 def compile_ir(
-    model: ir.Model, calibration_feeds: Iterable[dict[str, np.ndarray]], total: int | None, runner: PassRunner
+    model: ir.Model,
+    calibration_feeds: Iterable[dict[str, np.ndarray]],
+    total: int | None,
+    runner: PassRunner,
+    policy: PrecisionPolicy | None = None,
 ) -> tuple[ir.Model, CalibrationSummary]:
     """The whole pipeline on one IR: clean up → annotate → observe → calibrate → Q/DQ.
 
     ``model`` is modified in place and returned.
     """
     options = runner.options
+    policy = policy or precision_policy(options)
     profile = profile_for(options.target)
     model = runner.run(model, cleanup_passes(options))
     if profile.precision == Precision.FP16:
@@ -344,18 +375,18 @@ def compile_ir(
     # Bias correction compares against the cleaned float model (same tensor names and meanings).
     batches = options.calibration.bias_correction_batches
     reference = ir.to_proto(model) if batches else None
-    model = runner.run(model, [("annotate", AnnotatePass(options.scheme, profile))])
+    model = annotate_stage(model, runner, policy)
     if options.smooth_quant.enabled:
         # After annotation (it declines tensors made by int8 ops), before calibration (which sees the
         # smoothed tensors). The cache key hashes the smoothed weights, so it covers the choice.
-        model = smoothing_stage(model, calibration_feeds, total, runner, profile)
+        model = smoothing_stage(model, calibration_feeds, total, runner, policy)
     # After annotation: observers are per annotated group, and the cache key hashes the annotated model.
     activation_qparams, summary = calibration_stage(model, calibration_feeds, total, runner)
     summary.zero_range = tuple(group for group, qparams in activation_qparams.items() if qparams.zero_range)
     rounding_feeds: list[Feed] = []
     if options.calibration.weight_rounding == WeightRounding.OPTIMIZED:
         rounding_feeds = list(itertools.islice(iter(calibration_feeds), ROUNDING_BATCHES))
-    model = runner.run(model, finalize_passes(activation_qparams, options, rounding_feeds))
+    model = runner.run(model, finalize_passes(activation_qparams, options, rounding_feeds, policy.int4_nodes(model.graph)))
     if reference is not None:
         # After placement: it measures the quantized model as it will run.
         feeds = list(itertools.islice(iter(calibration_feeds), batches))

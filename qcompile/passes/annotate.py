@@ -34,6 +34,7 @@ Precondition: shape inference has run (dtypes are known) and the graph is topolo
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -101,10 +102,15 @@ class _Groups:
 
 
 class AnnotatePass(ir.passes.InPlacePass):
-    def __init__(self, scheme: SchemeOptions, profile: TargetProfile = CPU) -> None:
+    def __init__(
+        self, scheme: SchemeOptions, profile: TargetProfile = CPU, float_reasons: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__()
         self.scheme = scheme
         self.profile = profile
+        # From the precision policy (qcompile.precision.policy), which resolves keep_float, --precision
+        # and the automatic assignment in one place: node name -> why it stays float. None: keep_float.
+        self.float_reasons = None if float_reasons is None else dict(float_reasons)
         activation_dtype = profile.activation_dtype or scheme.activation_dtype
         dtype = QuantDType.UINT8 if activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
         self._activation_spec = QuantSpec(dtype, symmetric=profile.activation_symmetric)
@@ -112,6 +118,8 @@ class AnnotatePass(ir.passes.InPlacePass):
     # -- decisions ---------------------------------------------------------------------------
 
     def _kept_float_by_user(self, node: ir.Node) -> str | None:
+        if self.float_reasons is not None:
+            return self.float_reasons.get(node.name or "")
         for pattern in self.scheme.keep_float:
             if pattern == node.op_type or (node.name and fnmatch.fnmatchcase(node.name, pattern)):
                 return f"kept float by keep_float {pattern!r}"
@@ -121,8 +129,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         """Why a node can never be quantized, independent of its neighbours (None: it can)."""
         if not any(out.dtype == ir.DataType.FLOAT for out in node.outputs):
             return NOT_FLOAT_DATA
-        if FLOAT_REASON_KEY in node.meta:
-            return node.meta[FLOAT_REASON_KEY]
+        if FLOAT_REASON_KEY in node.metadata_props:
+            return node.metadata_props[FLOAT_REASON_KEY]
         rule = rule_for(node.op_type, node.domain)
         if rule is None:
             domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""

@@ -40,6 +40,8 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         self._names |= {o.name for n in graph for o in n.outputs}
         self._group_params: dict[str, tuple[ir.Value, ir.Value]] = {}
         modified = False
+        # Positions of the original nodes, read once: graph.index is a linear scan per call.
+        self._position = {id(n): i for i, n in enumerate(graph)}
         constants = [v for v in graph.initializers.values() if QPARAMS_KEY in v.meta]
         constants += [o for n in graph if n.op_type == "Constant" for o in n.outputs if QPARAMS_KEY in o.meta]
         activations = [v for v in graph.inputs if QPARAMS_KEY in v.meta]
@@ -102,8 +104,11 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         )
         out = dq.outputs[0]
         out.dtype, out.shape = ir.DataType.FLOAT, value.shape
-        first_use = min((graph.index(u.node) for u in value.uses()), default=0)
-        graph.insert_before(graph.node(first_use), dq)
+        # The constant's uses are original nodes (no inserted node reads a constant), so their
+        # positions read at the start give the same first use as a fresh scan.
+        users = [u.node for u in value.uses()]
+        first_use = min(users, key=lambda n: self._position[id(n)]) if users else graph.node(0)
+        graph.insert_before(first_use, dq)
         # Node inputs only: a constant that is also a graph output stays float there.
         for use in list(value.uses()):
             use.node.replace_input_with(use.idx, out)

@@ -272,7 +272,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         graph.register_initializer(factor)
         mul = ir.node("Mul", [group.x, factor], outputs=[ir.Value(name=name)], name=name)
         mul.outputs[0].dtype, mul.outputs[0].shape = group.x.dtype, group.x.shape
-        mul.meta[FLOAT_REASON_KEY] = SMOOTHING_MUL
+        # In the node's metadata_props, not its meta: the decision survives a proto round trip (the
+        # precision search rebuilds candidates from the smoothed float model's proto).
+        mul.metadata_props[FLOAT_REASON_KEY] = SMOOTHING_MUL
         if RANGE_METHOD_KEY in group.x.meta:
             mul.outputs[0].meta[RANGE_METHOD_KEY] = group.x.meta.pop(RANGE_METHOD_KEY)
         producer = group.x.producer()

@@ -26,7 +26,8 @@ DECISION_KEY = "qcompile.decision"
 # A weight's integers chosen by RoundWeightsPass (its shape, the quantized dtype); PlaceQDQPass stores
 # them instead of rounding to nearest.
 ROUNDED_KEY = "qcompile.rounded"
-# On a node a pass created that must stay float: the reason annotation records (SmoothQuant's Mul).
+# In the metadata_props of a node a pass created that must stay float: the reason annotation records
+# (SmoothQuant's Mul).
 FLOAT_REASON_KEY = "qcompile.float_reason"
 # On an activation whose range a pass decided is taken by another calibration method (a
 # CalibrationMethod): SmoothQuant's smoothed tensors, whose clipping it simulated.

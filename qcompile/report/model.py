@@ -102,6 +102,8 @@ class CompileReport:
     latency: dict[str, Any] | None = None
     output_path: str | None = None
     seconds: float = 0.0
+    # The precision search or recipe replay (qcompile.precision), when one ran.
+    precision: dict[str, Any] | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -129,6 +131,7 @@ class CompileReport:
             "verification": self.verification,
             "latency": self.latency,
             "seconds": round(self.seconds, 3),
+            **({"precision": self.precision} if self.precision is not None else {}),
         }
 
     def to_json_text(self) -> str:

@@ -87,6 +87,10 @@ def render_text(report: CompileReport) -> str:
     if report.fusion is not None:
         lines += ["", "Fusion"]
         lines.append(report.fusion.get("summary", ""))
+    if report.precision is not None:
+        from qcompile.precision.report import precision_lines
+
+        lines += ["", "Precision"] + precision_lines(report.precision)
     lines += ["", "Verification"]
     lines += _verification_lines(report.verification)
     lines += _latency_lines(report.latency)

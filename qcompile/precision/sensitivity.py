@@ -1,0 +1,120 @@
+"""Per-layer sensitivity: how much output SQNR keeping one layer in float buys back.
+
+Every layer is measured by the same experiment: quantize everything (the all-int8 model), then keep
+just that layer float, and take the output SQNR gain in dB over the all-int8 model
+(``gain = SQNR(all int8 but L) - SQNR(all int8)``). "Keep L float" is made by editing the all-int8
+model rather than recompiling it: L reads the float tensors its DequantizeLinear inputs came from
+(the float weight from the cleaned model, the activation before its QuantizeLinear), so it computes in
+float from unrounded inputs; what L's output feeds is unchanged. That costs a proto edit and a
+session per layer instead of a compile, and the search then measures real compiled models.
+The edit is exact for a layer fed straight from a quantized tensor (a Conv after a Relu); a layer
+fed through quantized data movement (an attention MatMul after Reshape/Transpose) still sees the
+rounding made before that movement, so its gain is underestimated — which the search, measuring
+real models, corrects at the cost of more steps. The measurement runs on a ranking subset of the
+calibration data: the samples where the float and all-int8 outputs differ most (largest
+1 - cosine), where a layer's damage shows first. Candidates are built from the one calibration's
+ranges (``ranges.build_candidate``) and run batched (``evaluate.Evaluator``).
+
+Results are cached beside the calibration cache (``<cache>.sensitivity.json``), keyed by the
+calibration cache's fingerprint (model, data, settings), the policy's rules and the ranking samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompile.graph.io import write_bytes_atomic
+from qcompile.precision.budget import min_sqnr_db, sample_errors
+from qcompile.precision.evaluate import Evaluator, Feed
+
+FORMAT = "qcompile-sensitivity/1"
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    name: str
+    op_type: str
+    sqnr_db: float  # output SQNR on the ranking subset with only this layer float
+    gain_db: float  # over the all-int8 model on the same subset
+
+
+def ranking_subset(samples: Sequence[Feed], reference, int8_outputs, size: int) -> list[int]:
+    """Indices of the ``size`` samples whose all-int8 outputs are furthest from float's (1 - cosine)."""
+    errors = sample_errors(reference, int8_outputs)
+    order = np.argsort(-np.asarray(errors), kind="stable")[:size]
+    return sorted(int(i) for i in order)
+
+
+def keep_float_variant(int8: onnx.ModelProto, cleaned: onnx.ModelProto, layer: str) -> onnx.ModelProto:
+    """The all-int8 model with ``layer`` reading its float inputs (its weights from ``cleaned``)."""
+    variant = onnx.ModelProto()
+    variant.CopyFrom(int8)
+    float_node = next(n for n in cleaned.graph.node if n.name == layer)
+    node = next(n for n in variant.graph.node if n.name == layer)
+    have = {i.name for i in variant.graph.initializer}
+    float_initializers = {i.name: i for i in cleaned.graph.initializer}
+    for index, name in enumerate(float_node.input):
+        if index < len(node.input):
+            node.input[index] = name
+        if name in float_initializers and name not in have:
+            variant.graph.initializer.append(float_initializers[name])
+            have.add(name)
+    return variant
+
+
+def measure(
+    layers: Sequence[tuple[str, str]],
+    int8: onnx.ModelProto,
+    cleaned: onnx.ModelProto,
+    evaluator: Evaluator,
+    int8_sqnr: float,
+) -> list[LayerSensitivity]:
+    """Keep-one-float gain of each (name, op_type), most sensitive first."""
+    out = []
+    for name, op_type in layers:
+        sqnr = min_sqnr_db(evaluator.reference, evaluator.run(keep_float_variant(int8, cleaned, name)))
+        gain = sqnr - int8_sqnr if math.isfinite(sqnr) else 99.0
+        out.append(LayerSensitivity(name, op_type, float(sqnr), float(gain)))
+    return sorted(out, key=lambda s: -s.gain_db)
+
+
+def cache_path(calibration_cache: str | None) -> Path | None:
+    return None if calibration_cache is None else Path(f"{calibration_cache}.sensitivity.json")
+
+
+def cache_key(calibration_fingerprint: str, rules: Sequence[str], samples: Sequence[Feed]) -> str:
+    digest = hashlib.sha256(json.dumps({"calibration": calibration_fingerprint, "rules": list(rules)}).encode())
+    for feed in samples:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def read_cached(path: Path | None, key: str) -> list[LayerSensitivity] | None:
+    """The cached sensitivities for ``key``; None when absent or made for another key (recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_bytes())
+        if content.get("format") != FORMAT or content.get("key") != key:
+            return None
+        return [LayerSensitivity(str(e["name"]), str(e["op_type"]), float(e["sqnr_db"]), float(e["gain_db"])) for e in content["layers"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(path: Path | None, key: str, layers: Sequence[LayerSensitivity]) -> None:
+    if path is None:
+        return
+    content = {"format": FORMAT, "key": key, "layers": [asdict(s) for s in layers]}
+    write_bytes_atomic(path, (json.dumps(content, indent=1) + "\n").encode())
