@@ -153,7 +153,9 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
     int8 = build_candidate(cleaned, tensor_ranges, base, options)
     layers = [
         (node.name, node.op_type)
-        for node in int8.model.graph
+        # From the annotated float graph: later passes may rewrite a layer (run-time quantization
+        # turns a MatMul into MatMulInteger), its decision is made here.
+        for node in annotated.graph
         if node.op_type in SEARCHED_OPS and (d := node.meta.get(DECISION_KEY)) is not None and d.quantized and base.explicit(node) is None
     ]
     names = [name for name, _ in layers]
@@ -176,7 +178,7 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
     sensitivities = sens.read_cached(cache, key)
     cached = sensitivities is not None
     if sensitivities is None:
-        sensitivities = sens.measure(layers, int8.proto, cleaned, ranker, int8_sqnr)
+        sensitivities = sens.measure(layers, int8.proto, cleaned, ranker, int8_sqnr, build)
         sens.write_cached(cache, key, sensitivities)
     timings["sensitivity"] = time.perf_counter() - t
 
@@ -185,7 +187,7 @@ def _search(model, cleaned, feeds, total, runner, verify_feeds, budget: Budget) 
     timings["cost"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    search = Search(budget, layers, build, evaluator, held_out, layer_graph(int8.model, names))
+    search = Search(budget, layers, build, evaluator, held_out, layer_graph(annotated, names))
     chosen, reasons, met = search.run(sensitivities, costs)
     timings["search"] = time.perf_counter() - t
 

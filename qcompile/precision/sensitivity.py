@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,12 +53,18 @@ def ranking_subset(samples: Sequence[Feed], reference, int8_outputs, size: int) 
     return sorted(int(i) for i in order)
 
 
-def keep_float_variant(int8: onnx.ModelProto, cleaned: onnx.ModelProto, layer: str) -> onnx.ModelProto:
-    """The all-int8 model with ``layer`` reading its float inputs (its weights from ``cleaned``)."""
+def keep_float_variant(int8: onnx.ModelProto, cleaned: onnx.ModelProto, layer: str) -> onnx.ModelProto | None:
+    """The all-int8 model with ``layer`` reading its float inputs (its weights from ``cleaned``).
+
+    None when the int8 model no longer holds ``layer`` as the same op (a later pass rewrote it,
+    e.g. run-time quantization made it a MatMulInteger): the edit does not apply there.
+    """
     variant = onnx.ModelProto()
     variant.CopyFrom(int8)
     float_node = next(n for n in cleaned.graph.node if n.name == layer)
-    node = next(n for n in variant.graph.node if n.name == layer)
+    node = next((n for n in variant.graph.node if n.name == layer and n.op_type == float_node.op_type), None)
+    if node is None:
+        return None
     have = {i.name for i in variant.graph.initializer}
     float_initializers = {i.name: i for i in cleaned.graph.initializer}
     for index, name in enumerate(float_node.input):
@@ -76,11 +82,21 @@ def measure(
     cleaned: onnx.ModelProto,
     evaluator: Evaluator,
     int8_sqnr: float,
+    build: Callable[[frozenset[str]], onnx.ModelProto] | None = None,
 ) -> list[LayerSensitivity]:
-    """Keep-one-float gain of each (name, op_type), most sensitive first."""
+    """Keep-one-float gain of each (name, op_type), most sensitive first.
+
+    ``build`` compiles the model with the given layers float: used for a layer the edit cannot
+    reach (``keep_float_variant`` gives None).
+    """
     out = []
     for name, op_type in layers:
-        sqnr = min_sqnr_db(evaluator.reference, evaluator.run(keep_float_variant(int8, cleaned, name)))
+        variant = keep_float_variant(int8, cleaned, name)
+        if variant is None:
+            if build is None:
+                raise ValueError(f"layer {name} was rewritten in the int8 model and no build function was given")
+            variant = build(frozenset({name}))
+        sqnr = min_sqnr_db(evaluator.reference, evaluator.run(variant))
         gain = sqnr - int8_sqnr if math.isfinite(sqnr) else 99.0
         out.append(LayerSensitivity(name, op_type, float(sqnr), float(gain)))
     return sorted(out, key=lambda s: -s.gain_db)

@@ -58,19 +58,29 @@ def test_int4_only_on_matmul_with_a_constant_weight():
     assert set(policy.float_reasons(model.graph)) == {"mm1", "mm2", "mm3"}
 
 
-def test_int4_refused_until_the_pass_exists():
-    pytest.importorskip("qcompile")  # the pass lands on another branch; until then: one line
-    try:
-        import qcompile.passes.quantize_int4_weights  # noqa: F401
-    except ImportError:
-        import qcompile
+def test_int4_through_the_pipeline_fuses_into_matmulnbits():
+    """--precision PATTERN=int4: the MatMul stays float in annotation, then gets blockwise int4 weights."""
+    import numpy as np
 
-        with pytest.raises(UsageError, match="not available yet"):
-            qcompile.compile_model(
-                chain(), "random", CompileOptions(show_progress=False, precision=PrecisionOptions(precision=("mm2=int4",)))
-            )
-    else:
-        pytest.skip("int4 pass present")
+    import qcompile
+    from qcompile.options import OutputOptions
+    from qcompile.verify.fusion import optimized_graph
+    from tests.helpers import count_ops, to_proto
+    from tests.passes.test_quantize_int4_weights import _model
+
+    model, _ = _model()
+    data = [{"x": np.random.default_rng(i).normal(size=(2, 8, 64)).astype(np.float32)} for i in range(8)]
+    options = CompileOptions(show_progress=False, precision=PrecisionOptions(precision=("MatMul=int4",)))
+    result = qcompile.compile_model(to_proto(model), data, options)
+    assert count_ops(result.model) == {"LayerNormalization": 1, "DequantizeLinear": 1, "MatMul": 1}
+    assert result.model.opset_import[0].version == 21
+    assert [n.op_type for n in optimized_graph(result.model).graph.node] == ["LayerNormalization", "MatMulNBits"]
+    reasons = {n.op_type: n.reason for n in result.report.quantization.float_nodes}
+    assert reasons["MatMul"] == "int4 weights by --precision 'MatMul=int4'"
+    assert result.report.verification["outputs"][0]["sqnr_db"] > 15.0
+    bounded = CompileOptions(show_progress=False, precision=PrecisionOptions(precision=("MatMul=int4",)), output=OutputOptions(max_opset=20))
+    with pytest.raises(UsageError, match="opset 21"):
+        qcompile.compile_model(to_proto(_model()[0]), data, bounded)
 
 
 def test_keep_float_through_the_pipeline_still_says_why():

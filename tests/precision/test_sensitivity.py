@@ -2,7 +2,7 @@
 
 import onnx_ir as ir
 
-from qcompile.options import CompileOptions
+from qcompile.options import CompileOptions, SchemeOptions, SmoothQuantOptions
 from qcompile.pipeline import PassRunner, annotate_stage, calibration_stage, cleanup_passes
 from qcompile.precision.budget import min_sqnr_db
 from qcompile.precision.evaluate import Evaluator, pack, split_samples
@@ -12,10 +12,16 @@ from qcompile.precision.sensitivity import keep_float_variant, measure, ranking_
 from tests.precision.models import chain, feeds
 
 
-def _setup(model):
-    options = CompileOptions(show_progress=False)
+# The static int8 path without SmoothQuant (which would move the chain's outlier into the weights);
+# test_rewritten_layers_are_compiled covers the default path.
+STATIC = CompileOptions(
+    show_progress=False, smooth_quant=SmoothQuantOptions(enabled=False), scheme=SchemeOptions(dynamic_matmul=False)
+)
+
+
+def _setup(model, options=STATIC):
     runner = PassRunner(options)
-    model = runner.run(model, cleanup_passes())
+    model = runner.run(model, cleanup_passes(options))
     cleaned = ir.to_proto(model)
     annotated = annotate_stage(model, runner)
     qparams, _ = calibration_stage(annotated, feeds(), None, runner)
@@ -62,3 +68,24 @@ def _fp32():
     from qcompile.precision.policy import Assignment, Precision
 
     return Assignment(Precision.FP32, "test")
+
+
+def test_rewritten_layers_are_compiled():
+    """Run-time quantization turns the MatMuls into MatMulInteger: no edit reaches them, so each
+    layer's variant is compiled with it float (the build function), and the gains are still real."""
+    options = CompileOptions(show_progress=False, smooth_quant=SmoothQuantOptions(enabled=False))
+    cleaned, ranges, int8, options = _setup(chain(outlier=400.0), options)
+    # mm1 reads the graph input (a float tensor): quantized at run time, so no edit reaches it.
+    assert keep_float_variant(int8.proto, cleaned, "mm1") is None
+    samples = split_samples(feeds(4, seed=7))
+    evaluator = Evaluator(cleaned, pack(cleaned, samples))
+    int8_sqnr = min_sqnr_db(evaluator.reference, evaluator.run(int8.proto))
+    built = []
+
+    def build(float_layers):
+        built.append(float_layers)
+        return build_candidate(cleaned, ranges, PrecisionPolicy(auto={n: _fp32() for n in float_layers}), options).proto
+
+    ranked = measure([("mm1", "MatMul"), ("mm2", "MatMul"), ("mm3", "MatMul")], int8.proto, cleaned, evaluator, int8_sqnr, build)
+    assert frozenset({"mm1"}) in built
+    assert ranked[0].name == "mm2" and ranked[0].gain_db > 3.0
