@@ -11,6 +11,7 @@ from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
 from qcompile.passes.quantize_dynamic_matmul import QuantizeDynamicMatMulPass
+from qcompile.passes.quantize_int4_weights import QuantizeInt4WeightsPass
 from qcompile.passes.reduce_mean_to_pool import ReduceMeanToGlobalPoolPass
 from qcompile.passes.remove_dropout import RemoveDropoutPass
 
@@ -26,6 +27,7 @@ __all__ = [
     "InsertObserversPass",
     "PlaceQDQPass",
     "QuantizeDynamicMatMulPass",
+    "QuantizeInt4WeightsPass",
     "ReduceMeanToGlobalPoolPass",
     "RemoveDropoutPass",
 ]
