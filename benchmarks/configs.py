@@ -15,7 +15,8 @@ child process). What each peer configuration is, in the peers' own terms:
 
 qcompile's rows: its default (uint8 activations, per-channel int8 weights, MSE activation ranges),
 ``activation_dtype=int8``, ``weight_granularity=per_tensor``, calibration ``method=minmax`` (the
-peers' default range method) and ``bias_correction_batches=8`` (opt-in bias correction).
+peers' default range method), ``bias_correction_batches=8`` (opt-in bias correction) and
+``dynamic_matmul=False`` (static QuantizeLinear before MatMuls fed by float ops).
 
 Percentile and Entropy run with uint8 activations only: the calibration method changes the ranges,
 the activation type changes the kernels, and uint8 is the type a user on x86 picks.
@@ -58,6 +59,8 @@ def configurations(case: Case, *, quick: bool = False) -> list[Config]:
         configs += [
             Config("qcompile_minmax", "qcompile", {"calibration": {"method": "minmax"}}),
             Config("qcompile_bias_correction", "qcompile", {"calibration": {"bias_correction_batches": 8}}),
+            # The static form of MatMuls fed by float ops (quantize_dynamic_matmul off).
+            Config("qcompile_static_matmul", "qcompile", {"scheme": {"dynamic_matmul": False}}),
         ]
     configs.append(Config("ort_u8_minmax", "ort_static", {"activation_type": "uint8", "method": "minmax"}))
     if not quick:

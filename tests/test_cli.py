@@ -236,3 +236,22 @@ def test_smooth_quant_and_activation_matmul_flags_map_to_their_fields():
     assert not options.smooth_quant.enabled and options.smooth_quant.alphas == (0.5, 0.7)
     assert options.smooth_quant.min_gain == 0.2 and options.smooth_quant.rows == 64
     assert not options.scheme.quantize_activation_matmuls
+
+
+@pytest.mark.parametrize("flag, dynamic", [(None, True), ("--no-dynamic-matmul", False)])
+def test_dynamic_matmul_flag(tmp_path, flag, dynamic):
+    from tests.passes.test_quantize_dynamic_matmul import ONE_MATMUL, _model
+
+    model = tmp_path / "ln_matmul.onnx"
+    onnx.save(to_proto(_model(ONE_MATMUL)()), model)
+    calib = tmp_path / "calib_ln"
+    calib.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        np.savez(calib / f"s{i}.npz", x=rng.normal(size=(2, 5, 16)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = invoke("compile", model, "-o", out, "--calib", calib, "--json", *([flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"]["scheme"]["dynamic_matmul"] is dynamic
+    ops = count_ops(onnx.load(out))
+    assert (ops["DynamicQuantizeLinear"], ops["QuantizeLinear"]) == ((1, 0) if dynamic else (0, 1))

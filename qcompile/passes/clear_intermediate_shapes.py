@@ -5,10 +5,10 @@ The passes need the types and shapes that shape inference attached to every inte
 Written out as ``value_info``, they also tell onnxruntime shapes it cannot infer itself (behind a
 Reshape whose target is computed, as exporters write attention), and with those its CPU graph
 optimizer fuses a residual Add and the LayerNormalization after it into SkipLayerNormalization,
-whose kernel measured slower than
-the two ops it replaces (onnxruntime 1.32, MiniLM at 1 thread: about 31 µs per SkipLayerNormalization
-against about 15 µs for Add + LayerNormalization; the whole model 2.58 → 2.30 ms of CPU at 13 tokens,
-7.99 → 6.22 ms at 59). A float model exported without ``value_info`` runs without that fusion too.
+whose kernel measured slower than the two ops it replaces (onnxruntime 1.32, MiniLM at 1 thread:
+about 31 µs per SkipLayerNormalization against about 15 µs for Add + LayerNormalization; the whole
+model 2.58 → 2.30 ms of CPU at 13 tokens, 7.99 → 6.22 ms at 59). A float model exported without
+``value_info`` runs without that fusion too.
 
 Graph inputs and outputs and initializers keep their types and shapes. Run last: a pass after it
 would find no dtypes on intermediate values.

@@ -140,8 +140,8 @@ def _match(node: ir.Node) -> tuple[ir.Node, ir.Node] | None:
     if not _float_producer(q.inputs[0]):
         return None  # an int8 op's output: its QuantizeLinear is fused into that op
     weight = constant_array(w_dq.inputs[0])
-    if weight is None or weight.dtype != np.int8 or w_dq.inputs[0].is_graph_input():
-        return None
+    if weight is None or weight.dtype != np.int8 or weight.ndim < 2 or w_dq.inputs[0].is_graph_input():
+        return None  # a 1-D weight (a matrix-vector product) keeps the static form
     w_scale = constant_array(w_dq.inputs[1])
     if w_scale is None or w_scale.size > 1 and not _per_column(w_dq, weight):
         return None
