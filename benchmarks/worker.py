@@ -40,6 +40,7 @@ def compile_qcompile(request: dict[str, Any], notes: list[str]) -> None:
     options = qcompile.CompileOptions(
         scheme=qcompile.SchemeOptions(**params.get("scheme", {})),
         calibration=qcompile.CalibrationOptions(**params.get("calibration", {})),
+        smooth_quant=qcompile.SmoothQuantOptions(**params.get("smooth_quant", {})),
         # The peers do not verify; the metric is measured on the evaluation data by the runner.
         verification=qcompile.VerificationOptions(enabled=False),
         show_progress=False,
