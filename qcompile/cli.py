@@ -57,21 +57,54 @@ class _Terminated(KeyboardInterrupt):
     removed and nothing is left half-written at an output path (exit code 128 + 15)."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
+# Signals received during this command. CPython drops an exception raised inside some callbacks
+# (an import lock's weakref callback, __del__): a Ctrl-C landing there would vanish and the compile
+# would finish and write its output. The record lets ``_raise_if_interrupted`` raise it again
+# before anything is written.
+_received_signals: list[int] = []
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _raise_on_signal(signum: int, frame: Any) -> None:
+    _received_signals.append(signum)
+    raise _interrupt(signum)
+
+
+def _raise_if_interrupted() -> None:
+    """Raise the interrupt of a signal whose KeyboardInterrupt Python swallowed."""
+    if _received_signals:
+        raise _interrupt(_received_signals[-1])
 
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT raise (and are recorded) while a command runs."""
+    _received_signals.clear()
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
+        # A signal the parent set to be ignored (SIGINT of a background job) stays ignored.
+        watched = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {s: signal.signal(s, _raise_on_signal) for s in watched}
+    except ValueError:  # not the main thread (an embedding program): leave the signals alone
         yield
         return
+    previous_hook = sys.unraisablehook
+
+    def quiet_swallowed_interrupt(unraisable: Any) -> None:
+        # The swallowed interrupt is raised again later (``_raise_if_interrupted``); CPython's
+        # "Exception ignored in ..." traceback would break the one-line error.
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_swallowed_interrupt
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _Group(click.Group):
@@ -234,6 +267,7 @@ def compile_command(model: Path, output: Path, calibration: str, verify_data: Pa
         raise UsageError("the output path is the input model; choose another path")
     options = _options_from_flags(flags)
     result = compile_model(model, calibration, options, verify_data=verify_data)
+    _raise_if_interrupted()  # a Ctrl-C Python swallowed mid-compile still means: write nothing
     if not result.verification_passed:
         # The gate failed: the report says why; no model is written.
         result.report.output_path = None
