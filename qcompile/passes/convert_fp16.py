@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
 
@@ -114,8 +115,7 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._names = {v.name for v in graph.inputs} | set(graph.initializers)
-        self._names |= {o.name for n in graph for o in n.outputs}
+        self._fresh = FreshNames(graph)
         fp16_nodes: set[ir.Node] = set()
         kept: Counter = Counter()
         for node in graph:
@@ -161,13 +161,6 @@ class ConvertFloat16Pass(ir.passes.InPlacePass):
             add_note(model, f"kept fp32: {op}×{count}: {reason}")
         add_note(model, f"{len(fp16_nodes)} nodes run in fp16; {len(casts) + outputs_cast} Cast nodes at fp16/fp32 boundaries")
         return ir.passes.PassResult(model, modified=True)
-
-    def _fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
 
     def _fp16_constant(self, graph: ir.Graph, value: ir.Value, cache: dict[str, ir.Value]) -> ir.Value:
         if value.name not in cache:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import InternalError
+from qcompile.graph.names import FreshNames
 from qcompile.graph.queries import constant_array
 from qcompile.quant.qparams import QParams, quantize
 from qcompile.quant.spec import ANNOTATION_KEY, DECISION_KEY, QPARAMS_KEY, ROUNDED_KEY, ActivationAnnotation, QuantDType
@@ -36,8 +37,7 @@ _DTYPES = {
 class PlaceQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._names = {v.name for v in graph.inputs} | set(graph.initializers)
-        self._names |= {o.name for n in graph for o in n.outputs}
+        self._fresh = FreshNames(graph)
         self._group_params: dict[str, tuple[ir.Value, ir.Value]] = {}
         modified = False
         # Positions of the original nodes, read once: graph.index is a linear scan per call.
@@ -55,13 +55,6 @@ class PlaceQDQPass(ir.passes.InPlacePass):
         if modified and model.opset_imports.get("", 0) < 13:
             model.opset_imports[""] = 13
         return ir.passes.PassResult(model, modified=modified)
-
-    def _fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
 
     def _initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=self._fresh(base), const_value=ir.tensor(array))
@@ -156,7 +149,7 @@ class PlaceQDQPass(ir.passes.InPlacePass):
             # The graph output keeps its name: the float tensor is renamed, DQ writes the output.
             index = list(graph.outputs).index(value)
             value.name = self._fresh(f"{name}_float")
-            self._names.discard(name)
+            self._fresh.release(name)
             dq_out.name = name
             graph.outputs[index] = dq_out
         value.meta.pop(QPARAMS_KEY)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
 from qcompile.quant.spec import DECISION_KEY
@@ -42,8 +43,7 @@ from qcompile.quant.spec import DECISION_KEY
 class QuantizeDynamicMatMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._names = {v.name for v in graph.inputs} | set(graph.initializers)
-        self._names |= {o.name for n in graph for o in n.outputs}
+        self._fresh = FreshNames(graph)
         dynamic: dict[ir.Value, ir.Node] = {}  # float input → its DynamicQuantizeLinear
         static_pairs: list[ir.Node] = []  # the DequantizeLinear of each bypassed static pair
         rewritten = 0
@@ -71,13 +71,6 @@ class QuantizeDynamicMatMulPass(ir.passes.InPlacePass):
                 f"({len(dynamic)} DynamicQuantizeLinear); {bypassed} static Q/DQ pair(s) left feeding only float ops removed",
             )
         return ir.passes.PassResult(model, modified=rewritten > 0)
-
-    def _fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
 
     def _value(self, base: str, dtype: ir.DataType, shape: ir.Shape | None = None) -> ir.Value:
         value = ir.Value(name=self._fresh(base))

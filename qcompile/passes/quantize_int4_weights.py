@@ -37,6 +37,7 @@ import onnx_ir as ir
 from onnxscript import version_converter
 
 from qcompile.errors import UsageError
+from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
 
@@ -136,15 +137,7 @@ class QuantizeInt4WeightsPass(ir.passes.InPlacePass):
         add_note(model, f"int4 weights: model upgraded from opset {opset} to {INT4_OPSET} (DequantizeLinear block_size)")
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node) -> None:
-        taken = set(graph.initializers) | {v.name for v in graph.inputs} | {o.name for n in graph for o in n.outputs}
-
-        def fresh(name: str) -> str:
-            candidate, i = name, 1
-            while candidate in taken:
-                candidate, i = f"{name}_{i}", i + 1
-            taken.add(candidate)
-            return candidate
-
+        fresh = FreshNames(graph)
         weight = node.inputs[1]
         q, scale = quantize_blockwise_int4(constant_array(weight), self.block_size)
         base = weight.name or node.name

@@ -42,6 +42,7 @@ import onnx_ir as ir
 
 from qcompile.calibration.channel_stats import ChannelStats
 from qcompile.calibration.observers import make_observer
+from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
 from qcompile.passes.op_rules import OpKind, rule_for
@@ -181,13 +182,13 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         stats = self.statistics([g.x.name for g in groups])
         graph = model.graph
-        names = {v.name for v in graph.inputs} | set(graph.initializers) | {o.name for n in graph for o in n.outputs}
+        names = FreshNames(graph)
         modified = False
         for group in groups:
             modified |= self._smooth(model, group, stats[group.x.name], names)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _smooth(self, model: ir.Model, group: SmoothGroup, stats: ChannelStats, names: set[str]) -> bool:
+    def _smooth(self, model: ir.Model, group: SmoothGroup, stats: ChannelStats, names: FreshNames) -> bool:
         weights = [group.weight_rows(j) for j in range(len(group.nodes))]
         w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
         x = stats.rows
@@ -251,7 +252,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         qp = qparams_from_range(lo, hi, spec)
         return dequantize(quantize(w, qp), qp)
 
-    def _apply(self, model: ir.Model, group: SmoothGroup, s: np.ndarray, method: CalibrationMethod, names: set[str]) -> str:
+    def _apply(self, model: ir.Model, group: SmoothGroup, s: np.ndarray, method: CalibrationMethod, names: FreshNames) -> str:
         for j, weight in enumerate(group.weights):
             data = constant_array(weight).astype(np.float32)
             scaled = data * (s[None, :] if group.transposed[j] else s[:, None])
@@ -262,12 +263,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if _fold_into_layernorm(group, inverse):
             return f"folded into {group.x.producer().name}"
         graph = model.graph
-        base = f"{group.x.name}_smooth"
-        name, i = base, 1
-        while name in names or f"{name}_scale" in names:
-            name, i = f"{base}_{i}", i + 1
-        names.update((name, f"{name}_scale"))
-        factor = ir.Value(name=f"{name}_scale", const_value=ir.tensor(inverse))
+        name = names(f"{group.x.name}_smooth")
+        factor = ir.Value(name=names(f"{name}_scale"), const_value=ir.tensor(inverse))
         factor.dtype, factor.shape = ir.DataType.FLOAT, ir.Shape(inverse.shape)
         graph.register_initializer(factor)
         mul = ir.node("Mul", [group.x, factor], outputs=[ir.Value(name=name)], name=name)
