@@ -103,8 +103,9 @@ CPU = TargetProfile(
     session_provider="cpu",
     precision=Precision.INT8,
     cpu_fusion_check=True,
-    fusions=("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
-             "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu"),
+    fusions=("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+             "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+             "QLinearSigmoid", "QLinearLeakyRelu"),
 )
 
 # TensorRT's int8 layers take Q/DQ on these ops' inputs (NVIDIA, "Explicit Quantization": Q/DQ
