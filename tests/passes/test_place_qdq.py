@@ -114,14 +114,18 @@ def test_add_with_constant_and_concat_share_scale():
     assert sqnr_db(run(parse_model(text, inits), x)[0], run(model, x)[0]) > 25
 
 
+# Two projections of x and their product: attention's Q·Kᵀ in miniature.
+ATTENTION_SCORES = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,6,16] x) => (float[N,6,6] y) {
+  q = MatMul(x, wq)
+  k = MatMul(x, wk)
+  kt = Transpose <perm=[0,2,1]> (k)
+  y = MatMul(q, kt)
+}"""
+
+
 def test_matmul_with_activation_operands_and_weight():
-    text = """<ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,6,16] x) => (float[N,6,6] y) {
-      q = MatMul(x, wq)
-      k = MatMul(x, wk)
-      kt = Transpose <perm=[0,2,1]> (k)
-      y = MatMul(q, kt)
-    }"""
+    text = ATTENTION_SCORES
     inits = dict(wq=rng.normal(size=(16, 16)).astype(np.float32), wk=rng.normal(size=(16, 16)).astype(np.float32))
     model = quantize(parse_model(text, inits), _feeds(shape=(1, 6, 16)))
     dq_weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8]
@@ -240,13 +244,7 @@ def test_activation_matmul_int8_by_default_and_float_on_request(quantize_activat
     from qcompile.quant.spec import DECISION_KEY
     from qcompile.verify.fusion import check_fusion
 
-    text = """<ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,6,16] x) => (float[N,6,6] y) {
-      q = MatMul(x, wq)
-      k = MatMul(x, wk)
-      kt = Transpose <perm=[0,2,1]> (k)
-      y = MatMul(q, kt)
-    }"""
+    text = ATTENTION_SCORES
     local = np.random.default_rng(6)
     inits = dict(wq=local.normal(size=(16, 16)).astype(np.float32), wk=local.normal(size=(16, 16)).astype(np.float32))
     scheme = SchemeOptions(quantize_activation_matmuls=quantize_activation_matmuls)
