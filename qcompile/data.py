@@ -484,3 +484,13 @@ def limit(source: FeedSource, n: int) -> FeedSource:
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     return source if n >= len(source) else _Slice(source, 0, n)
+
+
+def fingerprint_feeds(feeds: Iterable[dict[str, np.ndarray]], digest) -> Iterable[dict[str, np.ndarray]]:
+    """Pass feeds through while hashing names, dtypes, shapes and bytes (the calibration fingerprint)."""
+    for feed in feeds:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+        yield feed

@@ -24,6 +24,7 @@ from qcompile.calibration import cache as calibration_cache
 from qcompile.calibration.channel_stats import collect_channel_stats
 from qcompile.calibration.collect import calibrate
 from qcompile.calibration.observers import make_observer
+from qcompile.data import fingerprint_feeds
 from qcompile.graph.notes import notes
 from qcompile.graph.queries import node_count
 from qcompile.options import CalibrationMethod, CalibrationOptions, CompileOptions, WeightRounding
@@ -182,16 +183,6 @@ class PassRunner:
         """A stage that is not a pass (calibration) in the same table."""
         count = node_count(model)
         self.records.append(PassRecord(name, False, seconds, count, count, detail))
-
-
-def fingerprint_feeds(feeds: Iterable[dict[str, np.ndarray]], digest) -> Iterable[dict[str, np.ndarray]]:
-    """Pass feeds through while hashing names, dtypes, shapes and bytes (the calibration fingerprint)."""
-    for feed in feeds:
-        for name in sorted(feed):
-            array = np.ascontiguousarray(feed[name])
-            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-            digest.update(array.tobytes())
-        yield feed
 
 
 @dataclass

@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile import __version__
+from qcompile.data import fingerprint_feeds
 from qcompile.errors import UsageError
 from qcompile.options import Target
 from qcompile.pipeline import (
@@ -25,7 +26,6 @@ from qcompile.pipeline import (
     annotate_stage,
     calibration_stage,
     cleanup_passes,
-    fingerprint_feeds,
     precision_policy,
     smoothing_stage,
 )

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from qcompile.data import fingerprint_feeds
 from qcompile.graph.io import write_bytes_atomic
 from qcompile.precision.budget import min_sqnr_db, sample_errors
 from qcompile.precision.evaluate import Evaluator, Feed
@@ -108,11 +109,8 @@ def cache_path(calibration_cache: str | None) -> Path | None:
 
 def cache_key(calibration_fingerprint: str, rules: Sequence[str], samples: Sequence[Feed]) -> str:
     digest = hashlib.sha256(json.dumps({"calibration": calibration_fingerprint, "rules": list(rules)}).encode())
-    for feed in samples:
-        for name in sorted(feed):
-            array = np.ascontiguousarray(feed[name])
-            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-            digest.update(array.tobytes())
+    for _ in fingerprint_feeds(samples, digest):
+        pass
     return digest.hexdigest()
 
 
