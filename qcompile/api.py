@@ -193,13 +193,14 @@ def compile_model(
             layer_names=layer_names,
         )
         verification_json = _verdict(verification, options.verification.min_sqnr, verify_desc)
+        # One feed (read once) for the latency runs and the GPU placement check.
+        sample = next(iter(verify_source)) if options.verification.latency or provider == "cuda" else None
         if options.verification.latency:
             fixed = {spec.name: spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None for spec in specs}
-            sample = next(iter(verify_source))
             latency_json = report_latency(float_proto, quant_proto, sample, fixed, provider=provider)
         if provider == "cuda":
             # On a GPU: the nodes that fell back to the CPU and the host copies around them.
-            target_json["placement"] = node_placement(quant_proto, next(iter(verify_source)), "cuda").to_json()
+            target_json["placement"] = node_placement(quant_proto, sample, "cuda").to_json()
 
     report = CompileReport(
         qcompile_version=__version__,
