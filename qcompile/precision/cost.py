@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from qcompile.verify.sessions import Optimization, make_session
 
 _SUFFIX = re.compile(r"(_token_\d+)+$|_kernel_time$")
 
@@ -33,17 +34,12 @@ class LayerCost:
     relative: float  # the search's cost: latency share + size share
 
 
-def _node_times(model: onnx.ModelProto, feed: dict[str, np.ndarray], level, runs: int) -> dict[str, float]:
+def _node_times(model: onnx.ModelProto, feed: dict[str, np.ndarray], level: Optimization, runs: int) -> dict[str, float]:
     """Mean ms per run of each node name (fused kernels credited to their named origin)."""
     with tempfile.TemporaryDirectory() as folder:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = level
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(folder, "profile")
-        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        session = make_session(
+            model, "cpu", intra_op_threads=1, optimization=level, profile_prefix=os.path.join(folder, "profile")
+        )
         session.run(None, feed)  # warm-up (its events are averaged in: one run in runs + 1)
         for _ in range(runs):
             session.run(None, feed)
@@ -71,8 +67,8 @@ def measure_costs(
     runs: int = 5,
 ) -> tuple[dict[str, LayerCost], dict[str, float]]:
     """Per-layer cost of staying float, and the totals it is relative to."""
-    float_times = _node_times(float_model, feed, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, runs)
-    int8_times = _node_times(int8_model, feed, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, runs)
+    float_times = _node_times(float_model, feed, "basic", runs)
+    int8_times = _node_times(int8_model, feed, "all", runs)
     int8_total_ms = max(sum(int8_times.values()), 1e-6)
     int8_size = max(int8_model.ByteSize(), 1)
     raw = {}
