@@ -24,6 +24,21 @@ not fuse.
 Opset: a model below opset 21 is converted with onnxscript's version converter, within
 ``max_opset`` (a UsageError when ``max_opset`` < 21); the note says so.
 
+Where onnxruntime will not fuse it (``matmulnbits_blocker``, from its QDQ selector in 1.32), int4
+would make the model slower, not faster: the weight would be dequantized to float on every run and
+the MatMul would run in float. So the pass declines those MatMuls (they stay float, as annotation
+left them) with a note saying why. The selector looks at what reads the MatMul's output:
+
+- a QuantizeLinear (the next op is int8): it only fuses DequantizeLinear → MatMul with no
+  QuantizeLinear after it;
+- a lone Relu or Clip (the output's only reader, itself read once and not a graph output): it takes
+  the activation for one to fold into a QuantizeLinear after it, and drops the group when there is
+  none. A Relu with two readers, or one that is a graph output, does not stop it;
+- before that, its MatMul + Add fusion turns a MatMul with a 2-D input whose only reader is an Add
+  (bias) into a Gemm, so the Add's readers are the ones that count.
+
+K does not matter: a K below ``block_size`` (one short block) fuses as well.
+
 Preconditions: annotation kept the named nodes float; run after PlaceQDQPass. Nodes that do not
 qualify are declined with a note saying why.
 """
@@ -40,6 +55,7 @@ from qcompile.errors import UsageError
 from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
+from qcompile.quant.spec import DECISION_KEY, NodeDecision
 
 # DequantizeLinear's block_size and the 4-bit types.
 INT4_OPSET = 21
@@ -73,6 +89,54 @@ def quantize_blockwise_int4(weight: np.ndarray, block_size: int) -> tuple[np.nda
     return q.reshape(blocks * block_size, n)[:k], best_scale.astype(np.float32)
 
 
+def _readers(value: ir.Value) -> list[ir.Node]:
+    return [use.node for use in value.uses()]
+
+
+def _fused_as_gemm(node: ir.Node, add: ir.Node) -> bool:
+    """Whether onnxruntime's MatMul + Add fusion turns ``node`` and ``add`` into one Gemm: a 2-D
+    input A, and a bias Gemm can broadcast (length N, or 2-D with one row or the output's shape)."""
+    a = node.inputs[0]
+    if node.op_type != "MatMul" or a is None or a.shape is None or len(a.shape) != 2:
+        return False
+    bias = next((v for v in add.inputs if v is not node.outputs[0]), None)
+    if bias is None or bias.shape is None:
+        return False
+    if len(bias.shape) == 1:
+        return True
+    # An unknown output shape: assume it fits (declining int4 costs less than an unfused int4 MatMul).
+    out_shape = node.outputs[0].shape
+    return len(bias.shape) == 2 and (bias.shape[0] == 1 or out_shape is None or bias.shape == out_shape)
+
+
+def matmulnbits_blocker(node: ir.Node) -> str | None:
+    """Why onnxruntime (1.32, CPU) would not fuse DequantizeLinear(int4 weight) → ``node`` (a MatMul
+    or Gemm) into MatMulNBits, in words for the report; None when nothing in the graph stops it.
+
+    See the module docstring for the selector's rules this follows.
+    """
+    out = node.outputs[0]
+    readers = _readers(out)
+    after = "its output"
+    if len(readers) == 1 and readers[0].op_type == "Add" and _fused_as_gemm(node, readers[0]):
+        out = readers[0].outputs[0]
+        readers = _readers(out)
+        after = "its bias Add (onnxruntime fuses MatMul + Add into a Gemm first)"
+    if any(r.op_type == "QuantizeLinear" for r in readers):
+        return (
+            f"{after} is quantized (a QuantizeLinear reads it); onnxruntime fuses an int4 weight into MatMulNBits "
+            "only when no QuantizeLinear follows"
+        )
+    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
+        act = readers[0].outputs[0]
+        if len(act.uses()) == 1 and not act.is_graph_output():
+            return (
+                f"{after} goes only into a {readers[0].op_type}; onnxruntime 1.32 takes that for an activation to "
+                "fold into a QuantizeLinear and, finding none, skips the MatMulNBits fusion"
+            )
+    return None
+
+
 def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
     """The float weight DequantizeLinear(block_size) computes from ``q`` and ``scale`` (axis 0)."""
     return q.astype(np.float32) * np.repeat(scale, block_size, axis=0)[: q.shape[0]]
@@ -94,6 +158,10 @@ class QuantizeInt4WeightsPass(ir.passes.InPlacePass):
             reason = self._decline_reason(node)
             if reason:
                 add_note(model, f"int4 weights: {node.name} stays as it was: {reason}")
+                decision = node.meta.get(DECISION_KEY)
+                if decision is not None and not decision.quantized:
+                    # Annotation's reason promised int4 weights; the report lists the node as float.
+                    node.meta[DECISION_KEY] = NodeDecision(False, f"kept float, int4 declined: {reason}")
             else:
                 chosen.append(node)
         if not chosen:
@@ -121,6 +189,10 @@ class QuantizeInt4WeightsPass(ir.passes.InPlacePass):
         if node.inputs[0] is not None and node.inputs[0].producer() is not None:
             if node.inputs[0].producer().op_type == "DequantizeLinear":
                 return "its activation input is quantized (int4 needs it float to fuse into MatMulNBits)"
+        blocker = matmulnbits_blocker(node)
+        if blocker:
+            # Unfused, int4 dequantizes the weight every run: slower than float. Say what to do instead.
+            return f"{blocker}; int4 here would run slower than float (leave it out of the int4 pattern to get int8)"
         return None
 
     def _ensure_opset(self, model: ir.Model) -> None:

@@ -131,3 +131,76 @@ def test_unnamed_nodes_are_untouched():
     before = ir.to_proto(model).SerializeToString()
     assert not QuantizeInt4WeightsPass([])(model).modified
     assert ir.to_proto(model).SerializeToString() == before
+
+
+# What reads the MatMul's output decides whether onnxruntime (1.32) fuses the int4 weight.
+AFTER_MATMUL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[{a}N, 64] x) => (float[{a}N, 16] y) {{
+  m = MatMul (x, w)
+  {body}
+}}"""
+
+FUSES = {
+    "a Relu that is the graph output": ("", "y = Relu (m)"),
+    "a Relu read twice": ("", "r = Relu (m)\n s = Sigmoid (r)\n t = Tanh (r)\n y = Add (s, t)"),
+    "a Sigmoid then a Relu": ("", "s = Sigmoid (m)\n r = Relu (s)\n y = Tanh (r)"),
+    "bias Add then Relu on a 3-D input (no Gemm fusion)": ("B, ", "b = Add (m, bias)\n r = Relu (b)\n y = Sigmoid (r)"),
+}
+DECLINED = {
+    "a lone Relu": ("", "r = Relu (m)\n y = Sigmoid (r)", "goes only into a Relu"),
+    "a lone Clip": ("", "r = Clip (m)\n y = Sigmoid (r)", "goes only into a Clip"),
+    "a QuantizeLinear": ("", "q = QuantizeLinear (m, s, z)\n y = DequantizeLinear (q, s, z)", "is quantized"),
+    "bias Add then a lone Relu (Gemm)": ("", "b = Add (m, bias)\n r = Relu (b)\n y = Sigmoid (r)", "its bias Add"),
+}
+
+
+def _after_matmul(rank_prefix: str, body: str) -> ir.Model:
+    inits = {
+        "w": np.random.default_rng(4).normal(size=(64, 16)).astype(np.float32),
+        "bias": np.linspace(-1, 1, 16, dtype=np.float32),
+        "s": np.float32(0.05),
+        "z": np.uint8(128),
+    }
+    used = {k: v for k, v in inits.items() if k == "w" or f", {k}" in body}
+    model = parse_model(AFTER_MATMUL.format(a=rank_prefix, body=body), used)
+    common_passes.ShapeInferencePass()(model)  # the rule reads the MatMul input's rank
+    common_passes.NameFixPass()(model)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(FUSES))
+def test_int4_fuses_where_onnxruntime_takes_it(case):
+    model = _after_matmul(*FUSES[case])
+    assert QuantizeInt4WeightsPass(_matmul_names(model))(model).modified
+    ops = [n.op_type for n in optimized_graph(ir.to_proto(model)).graph.node]
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_int4_declined_where_onnxruntime_would_not_fuse_it(case):
+    *shape_and_body, why = DECLINED[case]
+    model = _after_matmul(*shape_and_body)
+    before = ir.to_proto(model).SerializeToString()
+    assert not QuantizeInt4WeightsPass(_matmul_names(model))(model).modified
+    assert ir.to_proto(model).SerializeToString() == before  # the MatMul keeps its float weight
+    note = next(n for n in notes(model) if n.startswith("int4 weights:"))
+    assert why in note and "slower than float" in note
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_each_decline_rule_matches_what_onnxruntime_does(case, monkeypatch):
+    """Forced anyway, every declined case leaves the int4 weight dequantized on every run."""
+    from qcompile.passes import quantize_int4_weights as module
+
+    model = _after_matmul(*DECLINED[case][:2])
+    monkeypatch.setattr(module, "matmulnbits_blocker", lambda node: None)
+    assert QuantizeInt4WeightsPass(_matmul_names(model))(model).modified
+    ops = [n.op_type for n in optimized_graph(ir.to_proto(model)).graph.node]
+    assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+
+
+def test_k_below_block_size_still_fuses():
+    """K = 16 < block 32 (one short block per column): not a reason to decline."""
+    model, weight = _model(k=16)
+    assert QuantizeInt4WeightsPass(_matmul_names(model))(model).modified
+    assert [n.op_type for n in optimized_graph(ir.to_proto(model)).graph.node] == ["LayerNormalization", "MatMulNBits"]
