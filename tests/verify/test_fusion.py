@@ -135,3 +135,61 @@ def test_a_standalone_matmul_integer_is_unfused():
     )
     report = check_fusion(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert not report.fused and report.unfused_ops == {"MatMulInteger": 1} and report.unfused_nodes == ("the_matmul",)
+
+
+def _int4_model(after_matmul: str, monkeypatch) -> onnx.ModelProto:
+    """x → MatMul(int4 weight) → ``after_matmul``; the int4 pass forced (its decline rule off)."""
+    from qcompile.passes import quantize_int4_weights as int4
+    from tests.passes.test_quantize_int4_weights import _after_matmul, _matmul_names
+
+    model = _after_matmul("", after_matmul)
+    with monkeypatch.context() as patch:
+        patch.setattr(int4, "matmulnbits_blocker", lambda node: None)
+        assert int4.QuantizeInt4WeightsPass(_matmul_names(model))(model).modified
+    return to_proto(model)
+
+
+def test_a_fused_int4_matmul_counts_as_fused(monkeypatch):
+    report = check_fusion(_int4_model("y = Sigmoid (m)", monkeypatch))
+    assert report.fused and report.unfused_int4_weights == {}
+    assert report.kernels == {"MatMulNBits": 1}
+    assert report.to_json()["unfused_int4_weights"] == {}
+
+
+def test_an_unfused_int4_matmul_is_reported_with_the_reason(monkeypatch):
+    # A lone Relu after the MatMul: onnxruntime 1.32 leaves DequantizeLinear → MatMul in float.
+    report = check_fusion(_int4_model("r = Relu (m)\n y = Sigmoid (r)", monkeypatch))
+    assert not report.fused and report.unfused_ops == {}
+    assert list(report.unfused_int4_weights) == ["node"]  # the MatMul, as NameFixPass named it
+    assert "goes only into a Relu" in report.unfused_int4_weights["node"]
+    assert report.dequantize_nodes == 1 and "MatMulNBits" not in report.kernels
+    summary = report.summary()
+    assert "NOT FUSED, 1 int4 weight(s) dequantized to float every run" in summary and "Relu" in summary
+
+
+def test_an_int4_matmul_onnxruntime_folded_into_fused_gemm_is_reported(monkeypatch):
+    report = check_fusion(_int4_model("b = Add (m, bias)\n r = Relu (b)\n y = Sigmoid (r)", monkeypatch))
+    assert not report.fused
+    (reason,) = report.unfused_int4_weights.values()
+    assert "FusedGemm" in reason
+
+
+def test_strict_fusion_fails_on_an_unfused_int4_matmul(monkeypatch):
+    """int4 forced where onnxruntime does not fuse it: the compile reports it, and strict fusion fails."""
+    from qcompile.options import PrecisionOptions
+    from qcompile.passes import quantize_int4_weights as int4
+    from tests.precision.models import chain, feeds
+
+    monkeypatch.setattr(int4, "matmulnbits_blocker", lambda node: None)
+    precision = PrecisionOptions(precision=("mm2=int4",))
+    strict = qcompile.CompileOptions(
+        show_progress=False, precision=precision, verification=qcompile.VerificationOptions(strict_fusion=True)
+    )
+    result = qcompile.compile_model(chain(), feeds(), strict)
+    assert set(result.report.fusion["unfused_int4_weights"]) == {"mm2"}
+    assert not result.verification_passed and "int4 weight(s) dequantized" in result.failure
+    monkeypatch.undo()  # with the rule: declined, so nothing unfused
+    result = qcompile.compile_model(chain(), feeds(), strict)
+    assert result.verification_passed and result.report.fusion["unfused_int4_weights"] == {}
+    reasons = {n.name: n.reason for n in result.report.quantization.float_nodes}
+    assert reasons["mm2"].startswith("kept float, int4 declined: its output goes only into a Relu")
