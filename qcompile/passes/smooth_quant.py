@@ -170,8 +170,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.calibration = calibration
         # Names of the tensors to smooth → their statistics (one pass over the calibration data).
         self.statistics = statistics
-        # Tensor name → decision: the ones given, then the ones this pass makes.
+        # Tensor name → decision: the ones given, then the ones this pass makes (named in ``computed``).
         self.decisions: dict[str, SmoothDecision] = dict(decisions or {})
+        self.computed: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups, declined = find_groups(model)
@@ -180,6 +181,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if not groups:
             return ir.passes.PassResult(model, modified=False)
         missing = [g for g in groups if not _fits(self.decisions.get(g.x.name), g)]
+        self.computed = [g.x.name for g in missing]
         if missing:
             stats = self.statistics([g.x.name for g in missing])
             for group in missing:

@@ -69,7 +69,7 @@ def test_a_hit_gives_the_graph_of_a_compile_without_cache(tmp_path):
     # Only the options recorded in the model's metadata (the cache path) differ.
     assert hit.model.graph.SerializeToString() == plain.model.graph.SerializeToString()
     content = json.loads(cache.read_text())
-    assert content["format"] == "qcompile-calibration-cache/1" and content["key"]["settings"]["method"] == "mse"
+    assert content["format"] == "qcompile-calibration-cache/2" and content["key"]["settings"]["method"] == "mse"
     assert content["key"]["data"] == plain.report.calibration["fingerprint"]
 
 
