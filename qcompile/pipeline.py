@@ -348,11 +348,8 @@ def smoothing_stage(
     options = runner.options
     cache_path, key, cached = options.calibration.cache, None, None
     if cache_path is not None and find_groups(model)[0]:
-        key = calibration_cache.CacheKey(
-            model=calibration_cache.smoothing_model_fingerprint(model),
-            data=runner.data_fingerprint(feeds)[0],
-            settings=calibration_cache.smoothing_settings(options.smooth_quant, options.scheme, options.calibration),
-        )
+        data = runner.data_fingerprint(feeds)[0]
+        key = calibration_cache.smoothing_key(model, data, options.smooth_quant, options.scheme, options.calibration)
         cached = calibration_cache.read_smoothing(cache_path, key)
 
     def statistics(names: list[str]):

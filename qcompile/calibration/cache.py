@@ -229,6 +229,13 @@ def smoothing_settings(options: SmoothQuantOptions, scheme: SchemeOptions, calib
     return settings
 
 
+def smoothing_key(
+    model: ir.Model, data: str, options: SmoothQuantOptions, scheme: SchemeOptions, calibration: CalibrationOptions
+) -> CacheKey:
+    """The key of SmoothQuant's decisions on the annotated, not yet smoothed ``model``; ``data`` is the feeds' fingerprint."""
+    return CacheKey(smoothing_model_fingerprint(model), data, smoothing_settings(options, scheme, calibration))
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
