@@ -70,8 +70,8 @@ class SmoothGroup:
 
     @property
     def channels(self) -> int:
-        """K: the channels of x (a rank-2 weight's shape is static)."""
-        shape = self.weights[0].shape
+        """K: the channels of x."""
+        shape = constant_array(self.weights[0]).shape
         return int(shape[1] if self.transposed[0] else shape[0])
 
 
