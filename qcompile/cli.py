@@ -227,7 +227,7 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--weight-method", type=_choice(WeightMethod), default=_CALIBRATION_DEFAULTS.weight_method.value,
               show_default=True, help="How weight ranges are chosen: max |w| or the MSE-optimal clipping.")
 @click.option("--calibration-cache", type=click.Path(path_type=Path), default=None,
-              help="JSON file of calibrated ranges: used if made for this model/data/settings, written if absent.")
+              help="JSON file of calibrated ranges and SmoothQuant choices: used if made for this model/data/settings, written if absent.")
 @click.option("--calibration-max-samples", type=int, default=None, help="Use at most this many calibration batches.")
 @click.option("--bias-correction-batches", type=int, default=_CALIBRATION_DEFAULTS.bias_correction_batches, show_default=True,
               help="Correct each layer's int32 bias for its mean output error, measured on this many calibration batches (0: off).")

@@ -130,7 +130,7 @@ class CalibrationOptions:
     # Weight ranges (symmetric, from the weights' values). mse measured within ±0.2 dB of minmax,
     # neither better on all models, and costs compile time: minmax stays the default.
     weight_method: WeightMethod = WeightMethod.MINMAX
-    # A JSON file of calibrated ranges: used when its key (model, data, settings) matches, written
+    # A JSON file of calibrated ranges and SmoothQuant decisions: used when its key (model, data, settings) matches, written
     # when absent, refused when it was made for another model, data or settings.
     cache: str | None = None
     # Use at most this many calibration samples (None: all of them).

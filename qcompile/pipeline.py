@@ -51,6 +51,7 @@ from qcompile.passes import (
 from qcompile.passes.annotate_ranges import max_abs_from_qparams
 from qcompile.passes.insert_observers import activation_groups, group_specs, range_method_overrides
 from qcompile.passes.round_weights import MAX_BATCHES as ROUNDING_BATCHES
+from qcompile.passes.smooth_quant import find_groups
 from qcompile.precision.int4 import int4_weights_pass
 from qcompile.precision.policy import PrecisionPolicy, rules_from_options
 from qcompile.quant.qparams import QParams
@@ -155,6 +156,19 @@ class PassRunner:
         self.options = options
         self.records: list[PassRecord] = []
         self._log = log
+        self._fingerprints: list[tuple[object, tuple[str, int]]] = []
+
+    def data_fingerprint(self, feeds: Iterable[dict[str, np.ndarray]]) -> tuple[str, int]:
+        """SHA-256 of ``feeds`` (``data.fingerprint_feeds``) and their count: one pass over the data
+        (read, not run) the first time, remembered for the rest of the compile (the cache keys of
+        SmoothQuant and calibration, and a recipe's check, all need it)."""
+        for seen, fingerprint in self._fingerprints:
+            if seen is feeds:
+                return fingerprint
+        digest = hashlib.sha256()
+        count = sum(1 for _ in fingerprint_feeds(feeds, digest))
+        self._fingerprints.append((feeds, (digest.hexdigest(), count)))
+        return digest.hexdigest(), count
 
     def run(self, model: ir.Model, passes: Iterable[tuple[str, ir.passes.PassBase]]) -> ir.Model:
         for name, pass_ in passes:
@@ -240,20 +254,15 @@ def calibrate_activations(
     return {group: observer.qparams() for group, observer in observers.items()}, summary
 
 
-def calibration_cache_key(
-    model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], options: CalibrationOptions
-) -> calibration_cache.CacheKey:
+def calibration_cache_key(model: ir.Model, data: str, options: CalibrationOptions) -> calibration_cache.CacheKey:
     """The cache key of the annotated ``model``: decided before any model run.
 
-    The data fingerprint costs one pass over the feeds (read and hashed, not run); it is the same
-    hash ``calibrate_activations`` reports.
+    ``data`` is the feeds' fingerprint (``PassRunner.data_fingerprint``), the same hash
+    ``calibrate_activations`` reports.
     """
-    digest = hashlib.sha256()
-    for _ in fingerprint_feeds(feeds, digest):
-        pass
     return calibration_cache.CacheKey(
         model=calibration_cache.model_fingerprint(model, group_specs(model)),
-        data=digest.hexdigest(),
+        data=data,
         settings=calibration_cache.observer_settings(options),
     )
 
@@ -277,7 +286,7 @@ def calibration_stage(
     cache_path, cache_key, cached = calibration.cache, None, None
     start = time.perf_counter()
     if cache_path is not None:
-        cache_key = calibration_cache_key(model, feeds, calibration)
+        cache_key = calibration_cache_key(model, runner.data_fingerprint(feeds)[0], calibration)
         cached = calibration_cache.read_cache(cache_path, cache_key, group_specs(model))
     if cached is not None:
         summary = CalibrationSummary(
@@ -306,7 +315,7 @@ def calibration_stage(
     if cache_key is not None:
         calibration_cache.write_cache(cache_path, cache_key, activation_qparams, feeds=summary.feeds, samples=summary.samples)
         summary.cache = cache_path
-        detail.append(f"calibration cache written: {cache_path} (its key took {key_seconds:.2f} s: one pass hashing the data)")
+        detail.append(f"calibration cache written: {cache_path} (its key took {key_seconds:.2f} s, hashing the data once per compile)")
     runner.record("calibrate", summary.seconds, model, detail)
     return activation_qparams, summary
 
@@ -332,16 +341,30 @@ def smoothing_stage(
 ) -> ir.Model:
     """SmoothQuant on the annotated ``model``, then annotation again where it rewired the graph.
 
-    Its statistics cost one pass over the feeds, only when some MatMul/Gemm group can be smoothed.
+    Its statistics cost one pass over the feeds, only when some MatMul/Gemm group can be smoothed
+    and the calibration cache (``options.calibration.cache``) holds no decisions for this model,
+    data and options; decisions it computes are written there.
     """
     options = runner.options
+    cache_path, key, cached = options.calibration.cache, None, None
+    if cache_path is not None and find_groups(model)[0]:
+        data = runner.data_fingerprint(feeds)[0]
+        key = calibration_cache.smoothing_key(model, data, options.smooth_quant, options.scheme, options.calibration)
+        cached = calibration_cache.read_smoothing(cache_path, key)
 
     def statistics(names: list[str]):
         rows, seed = options.smooth_quant.rows, options.calibration.seed
         return collect_channel_stats(model, names, feeds, rows=rows, seed=seed, total=total)
 
-    pass_ = SmoothQuantPass(options.smooth_quant, options.scheme, options.calibration, statistics)
-    if runner.run_one(model, "smooth_quant", pass_).modified:
+    pass_ = SmoothQuantPass(options.smooth_quant, options.scheme, options.calibration, statistics, cached)
+    result = runner.run_one(model, "smooth_quant", pass_)
+    if key is not None:
+        if pass_.computed:
+            calibration_cache.write_smoothing(cache_path, key, pass_.decisions)
+            runner.records[-1].notes.append(f"smooth_quant: decisions written to calibration cache {cache_path}")
+        else:
+            runner.records[-1].notes.append(f"smooth_quant: decisions from calibration cache {cache_path} (no statistics pass)")
+    if result.modified:
         model = runner.run(model, [("annotate_after_smoothing", _annotate(runner, model, policy))])
     return model
 

@@ -6,8 +6,8 @@ and a uniform sample of at most ``rows`` rows (reservoir sampling, Vitter's algo
 memory is O(rows × channels) whatever the number of calibration samples.
 
 ``collect_channel_stats`` runs one pass over the calibration feeds with onnxruntime, through the
-same observation model and streaming loop as calibration (``passes/insert_observers``,
-``calibration/collect``), exposing only the named tensors.
+same observation model (``graph/observation``) and streaming loop (``calibration/collect``) as
+calibration, exposing only the named tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from qcompile.calibration.collect import calibrate
 from qcompile.errors import InvalidDataError
+from qcompile.graph.observation import observation_model, observed_name
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,9 @@ def collect_channel_stats(
     total: int | None = None,
 ) -> dict[str, ChannelStats]:
     """One pass over ``feeds``: the statistics of each tensor in ``names`` (the model is not changed)."""
-    from qcompile.passes.insert_observers import InsertObserversPass, observed_name
-
     by_name = {v.name: v for v in model.graph.inputs}
     by_name.update({out.name: out for node in model.graph for out in node.outputs})
-    observation = InsertObserversPass(names).call(model).model
+    observation = observation_model(model, names)
     observers = {observed_name(by_name[n]): ChannelStatsObserver(rows, seed, n) for n in names}
     calibrate(ir.to_proto(observation), feeds, observers, show_progress=False, total=total)  # type: ignore[arg-type]
     return {n: observers[observed_name(by_name[n])].result() for n in names}

@@ -2,8 +2,9 @@
 
 Rule: every tensor carrying an ``ActivationAnnotation`` becomes a graph output of the copy, so one
 onnxruntime run per calibration batch yields all of them. A graph input is exposed through an
-Identity named ``observed_name(input)`` (a graph input cannot also be listed as an output). The
-observers themselves live in ``qcompile.calibration``: this pass only decides what they see.
+Identity named ``observed_name(input)`` (a graph input cannot also be listed as an output; the copy
+is built by ``graph/observation``). The observers themselves live in ``qcompile.calibration``: this
+pass only decides what they see.
 
 It is a FunctionalPass: the annotated model is left untouched (its annotations live in memory and
 would not survive a copy).
@@ -13,15 +14,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompile.graph.observation import observation_model, observed_name
 from qcompile.quant.spec import ANNOTATION_KEY, RANGE_METHOD_KEY, ActivationAnnotation, QuantSpec
-
-_OBSERVED_PREFIX = "qcompile_observed__"
-
-
-def observed_name(value: ir.Value) -> str:
-    """The observation model's output name for a tensor."""
-    return _OBSERVED_PREFIX + value.name if value.is_graph_input() else value.name
-
 
 def activation_groups(model: ir.Model) -> dict[str, str]:
     """Observation output name → qparams group, for every annotated activation, in graph order."""
@@ -63,25 +57,8 @@ class InsertObserversPass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.names is None:
-            to_observe = activation_groups(model)
+            candidates = list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]
+            names = [v.name for v in candidates if isinstance(v.meta.get(ANNOTATION_KEY), ActivationAnnotation)]
         else:
-            values = {v.name: v for v in model.graph.inputs}
-            values.update({out.name: out for node in model.graph for out in node.outputs})
-            to_observe = {observed_name(values[name]): name for name in self.names}
-        observed_inputs = [v.name for v in model.graph.inputs if observed_name(v) in to_observe]
-        copy = ir.from_proto(ir.to_proto(model))
-        graph = copy.graph
-        by_name = {v.name: v for v in graph.inputs}
-        by_name.update({out.name: out for node in graph for out in node.outputs})
-        already_output = {v.name for v in graph.outputs}
-        for name in observed_inputs:
-            value = by_name[name]
-            identity = ir.node("Identity", [value], outputs=[ir.Value(name=_OBSERVED_PREFIX + name)])
-            identity.outputs[0].dtype = value.dtype
-            identity.outputs[0].shape = value.shape
-            graph.insert_before(graph.node(0), identity) if len(graph) else graph.append(identity)
-            by_name[identity.outputs[0].name] = identity.outputs[0]
-        for name in to_observe:
-            if name not in already_output:
-                graph.outputs.append(by_name[name])
-        return ir.passes.PassResult(copy, modified=bool(to_observe))
+            names = list(self.names)
+        return ir.passes.PassResult(observation_model(model, names), modified=bool(names))

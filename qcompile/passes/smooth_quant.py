@@ -13,12 +13,15 @@ this better) balances the two. Following SmoothQuant (Xiao et al., 2022):
 
 where max|W_k| is taken over row k of every weight in the group (the MatMul/Gemm reading X with a
 constant weight: Q, K and V share one input). α is chosen per group from ``SmoothQuantOptions.alphas``
-by the smallest simulated output error Σ_j ||X W_j − dq(q(X/s)) dq(q(s W_j))||² / ||X W_j||² over a
-reservoir sample of calibration rows of X, with the activation range the configured calibration
-method picks for X/s (or min/max, when that simulates better: a smoothed tensor has no outlier
-channels left worth clipping, and calibration then uses min/max for it) and the weight ranges the
-compile will use. A group is smoothed only when the best error is at least ``min_gain`` below the
-unsmoothed one (the same simulation with s = 1, the configured method).
+by the smallest simulated quantized output error on a reservoir sample of calibration rows of X, and
+a group is smoothed only when that error is at least ``min_gain`` below the unsmoothed one: that
+search, a function of the statistics, weights and options alone, is ``calibration/smoothing``
+(``choose_smoothing``). This module finds the groups and rewrites the graph.
+
+The statistics cost one pass over the calibration data (``statistics``, called only for groups
+without a decision). Decisions passed in (``decisions``: the calibration cache's, made for this
+model, data and options) are applied as they are, without statistics; ``self.decisions`` holds every
+group's decision after the run, for the cache to store.
 
 Where 1/s goes: into the scale and bias of the LayerNormalization that makes X when only the group
 reads X (exact: LN(x)·γ/s + β/s); otherwise into a new float Mul by a constant (pinned float: an
@@ -33,34 +36,21 @@ MiniLM (all-MiniLM-L6-v2): every one of its 24 groups is smoothed; mean embeddin
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibration.channel_stats import ChannelStats
-from qcompile.calibration.observers import make_observer
+from qcompile.calibration.smoothing import SmoothDecision, choose_smoothing
 from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
 from qcompile.passes.op_rules import OpKind, rule_for
-from qcompile.options import (
-    ActivationDType,
-    CalibrationMethod,
-    CalibrationOptions,
-    SchemeOptions,
-    SmoothQuantOptions,
-    WeightGranularity,
-    WeightMethod,
-)
-from qcompile.quant.qparams import dequantize, qparams_from_range, quantize
-from qcompile.quant.spec import DECISION_KEY, FLOAT_REASON_KEY, RANGE_METHOD_KEY, QuantDType, QuantSpec
-from qcompile.quant.weight_range import minmax_weight_range, mse_weight_range
+from qcompile.options import CalibrationMethod, CalibrationOptions, SchemeOptions, SmoothQuantOptions
+from qcompile.quant.spec import DECISION_KEY, FLOAT_REASON_KEY, RANGE_METHOD_KEY
 
-# Bounds on s: a channel that is all zeros (in X or W) keeps s = 1.
-_S_MIN, _S_MAX = 1e-5, 1e5
 SMOOTHING_MUL = "a SmoothQuant scale: an int8 Mul would quantize its input with the outliers it removes"
 
 
@@ -77,6 +67,12 @@ class SmoothGroup:
         """Weight j as (K, N)."""
         data = constant_array(self.weights[j]).astype(np.float32)
         return data.T if self.transposed[j] else data
+
+    @property
+    def channels(self) -> int:
+        """K: the channels of x."""
+        shape = constant_array(self.weights[0]).shape
+        return int(shape[1] if self.transposed[0] else shape[0])
 
 
 Statistics = Callable[[list[str]], dict[str, ChannelStats]]
@@ -166,6 +162,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         scheme: SchemeOptions,
         calibration: CalibrationOptions,
         statistics: Statistics,
+        decisions: Mapping[str, SmoothDecision] | None = None,
     ) -> None:
         super().__init__()
         self.options = options
@@ -173,6 +170,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.calibration = calibration
         # Names of the tensors to smooth → their statistics (one pass over the calibration data).
         self.statistics = statistics
+        # Tensor name → decision: the ones given, then the ones this pass makes (named in ``computed``).
+        self.decisions: dict[str, SmoothDecision] = dict(decisions or {})
+        self.computed: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups, declined = find_groups(model)
@@ -180,77 +180,37 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             add_note(model, f"smooth_quant declined: {reason}")
         if not groups:
             return ir.passes.PassResult(model, modified=False)
-        stats = self.statistics([g.x.name for g in groups])
-        graph = model.graph
-        names = FreshNames(graph)
+        missing = [g for g in groups if not _fits(self.decisions.get(g.x.name), g)]
+        self.computed = [g.x.name for g in missing]
+        if missing:
+            stats = self.statistics([g.x.name for g in missing])
+            for group in missing:
+                weights = [group.weight_rows(j) for j in range(len(group.nodes))]
+                self.decisions[group.x.name] = choose_smoothing(
+                    stats[group.x.name], weights, self.options, self.scheme, self.calibration
+                )
+        names = FreshNames(model.graph)
         modified = False
         for group in groups:
-            modified |= self._smooth(model, group, stats[group.x.name], names)
+            modified |= self._smooth(model, group, self.decisions[group.x.name], names)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _smooth(self, model: ir.Model, group: SmoothGroup, stats: ChannelStats, names: FreshNames) -> bool:
-        weights = [group.weight_rows(j) for j in range(len(group.nodes))]
-        w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
-        x = stats.rows
-        # One product for the whole group: its weights side by side, each scored on its own columns.
-        reference = x @ np.concatenate(weights, axis=1)
-        spans = np.cumsum([0] + [w.shape[1] for w in weights])
-        energies = [max(float(np.sum(reference[:, a:b] ** 2)), 1e-30) for a, b in zip(spans, spans[1:])]
-
-        def error(s: np.ndarray, method: CalibrationMethod, quantized_weights: np.ndarray) -> float:
-            out = self._fake_quantize_input(x / s, method) @ quantized_weights
-            squared = (out - reference) ** 2
-            return sum(float(np.sum(squared[:, a:b])) / e for a, b, e in zip(spans, spans[1:], energies))
-
-        configured = self.calibration.method
-        ones = np.ones_like(w_absmax)
-        baseline = error(ones, configured, self._fake_quantize_weights(weights, ones))
-        best_alpha, best_error, best_s, best_method = None, baseline, None, configured
-        # A smoothed tensor has no outlier channels left to clip: min/max may beat the configured
-        # method there, and the calibration then uses the method simulated.
-        methods = dict.fromkeys([configured, CalibrationMethod.MINMAX])
-        for alpha in self.options.alphas:
-            s = smoothing_factors(stats.absmax, w_absmax, alpha)
-            quantized_weights = self._fake_quantize_weights(weights, s)
-            for method in methods:
-                candidate = error(s, method, quantized_weights)
-                if candidate < best_error:
-                    best_alpha, best_error, best_s, best_method = alpha, candidate, s, method
+    def _smooth(self, model: ir.Model, group: SmoothGroup, decision: SmoothDecision, names: FreshNames) -> bool:
         what = f"{group.x.name!r} ({len(group.nodes)} {'/'.join(sorted({n.op_type for n in group.nodes}))})"
-        if best_s is None or best_error > (1.0 - self.options.min_gain) * baseline:
-            gain = 1.0 - best_error / baseline if baseline > 0 else 0.0
-            add_note(model, f"smooth_quant declined: {what}: no α lowers the simulated error by {self.options.min_gain:.0%} (best {gain:.0%})")
+        if decision.factors is None:
+            add_note(
+                model,
+                f"smooth_quant declined: {what}: no α lowers the simulated error by {self.options.min_gain:.0%} "
+                f"(best {decision.gain:.0%})",
+            )
             return False
-        where = self._apply(model, group, best_s, best_method, names)
+        where = self._apply(model, group, decision.factors, decision.method, names)
         add_note(
             model,
-            f"smooth_quant: {what}, α={best_alpha:g}, range by {best_method.value}: simulated output error "
-            f"{baseline:.2e} → {best_error:.2e}; 1/s {where}",
+            f"smooth_quant: {what}, α={decision.alpha:g}, range by {decision.method.value}: simulated output error "
+            f"{decision.baseline:.2e} → {decision.error:.2e}; 1/s {where}",
         )
         return True
-
-    def _fake_quantize_input(self, xs: np.ndarray, method: CalibrationMethod) -> np.ndarray:
-        """dq(q(xs)) with the range ``method`` picks from xs itself (the calibration's observer)."""
-        xs = xs.astype(np.float32)
-        dtype = QuantDType.UINT8 if self.scheme.activation_dtype == ActivationDType.UINT8 else QuantDType.INT8
-        options = dataclasses.replace(self.calibration, method=method)
-        observer = make_observer(QuantSpec(dtype, symmetric=False), options, "smooth_quant")
-        observer.update(xs)
-        qp = observer.qparams()
-        return dequantize(quantize(xs, qp), qp)
-
-    def _fake_quantize_weights(self, weights: list[np.ndarray], s: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._fake_quantize_weight((w * s[:, None]).astype(np.float32)) for w in weights], axis=1)
-
-    def _fake_quantize_weight(self, w: np.ndarray) -> np.ndarray:
-        axis = 1 if self.scheme.weight_granularity == WeightGranularity.PER_CHANNEL else None
-        spec = QuantSpec(QuantDType.INT8, symmetric=True, axis=axis)
-        if self.calibration.weight_method == WeightMethod.MSE:
-            lo, hi = mse_weight_range(w, spec)
-        else:
-            lo, hi = minmax_weight_range(w, axis)
-        qp = qparams_from_range(lo, hi, spec)
-        return dequantize(quantize(w, qp), qp)
 
     def _apply(self, model: ir.Model, group: SmoothGroup, s: np.ndarray, method: CalibrationMethod, names: FreshNames) -> str:
         for j, weight in enumerate(group.weights):
@@ -284,12 +244,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         return f"in a new float Mul {name}"
 
 
-def smoothing_factors(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
-    """s_k = max|X_k|^α / max|W_k|^(1−α); 1 where either maximum is 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.power(x_absmax, alpha) / np.power(w_absmax, 1.0 - alpha)
-    usable = (x_absmax > 0) & (w_absmax > 0) & np.isfinite(s)
-    return np.clip(np.where(usable, s, 1.0), _S_MIN, _S_MAX)
+def _fits(decision: SmoothDecision | None, group: SmoothGroup) -> bool:
+    """A decision given for the group's tensor applies to it: one factor per channel."""
+    return decision is not None and (decision.factors is None or decision.factors.shape == (group.channels,))
 
 
 def _fold_into_layernorm(group: SmoothGroup, inverse: np.ndarray) -> bool:

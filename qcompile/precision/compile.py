@@ -6,7 +6,6 @@ Called by ``qcompile.api.compile_model`` when a budget or a recipe is given, in 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -17,7 +16,6 @@ import onnx
 import onnx_ir as ir
 
 from qcompile import __version__
-from qcompile.data import fingerprint_feeds
 from qcompile.errors import UsageError
 from qcompile.options import Target
 from qcompile.pipeline import (
@@ -122,12 +120,10 @@ def _replay(model: ir.Model, cleaned: onnx.ModelProto, feeds, runner: PassRunner
     path = options.precision.recipe
     recipe = recipes.load(path)
     start = time.perf_counter()
-    digest = hashlib.sha256()
-    count = sum(1 for _ in fingerprint_feeds(feeds, digest))
-    recipes.check(
-        recipe, path, version=__version__, model=recipes.model_fingerprint(cleaned), calibration=digest.hexdigest(), options=options
-    )
-    summary = CalibrationSummary(count, 0, time.perf_counter() - start, digest.hexdigest(), len(recipe.ranges), 0)
+    # The data is read once per compile for its fingerprint: SmoothQuant's cache key shares it.
+    fingerprint, count = runner.data_fingerprint(feeds)
+    recipes.check(recipe, path, version=__version__, model=recipes.model_fingerprint(cleaned), calibration=fingerprint, options=options)
+    summary = CalibrationSummary(count, 0, time.perf_counter() - start, fingerprint, len(recipe.ranges), 0)
     runner.record("calibrate", summary.seconds, model, [f"calibration: ranges from recipe {path} (no calibration run)"])
     policy = PrecisionPolicy(auto=recipe.assignment)
     candidate = build_candidate(cleaned, recipe.ranges, policy, options, runner)

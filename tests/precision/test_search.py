@@ -136,3 +136,36 @@ def test_sensitivity_is_cached_beside_the_calibration_cache(tmp_path):
     assert second.report.precision["sensitivity_cached"] and second.report.calibration["cache_hit"]
     assert second.model.SerializeToString() == first.model.SerializeToString()
     assert second.report.precision["sensitivity"] == first.report.precision["sensitivity"]
+
+
+def test_recipe_replay_with_a_warm_cache_reads_no_data_for_smoothquant(tmp_path, monkeypatch):
+    import qcompile.pipeline
+
+    model = to_proto(chain(outlier=400.0))
+    cache = tmp_path / "calib.json"
+
+    def options(**precision):
+        return CompileOptions(
+            show_progress=False, calibration=qcompile.CalibrationOptions(cache=cache), precision=PrecisionOptions(**precision),
+            verification=qcompile.VerificationOptions(enabled=False),  # its passes over the data are not SmoothQuant's
+        )
+
+    searched = qcompile.compile_model(model, feeds(), options(budget="sqnr>=20"))
+    smoothing = next(p for p in searched.report.passes if p.name == "smooth_quant")
+    assert smoothing.modified  # SmoothQuant moved the outlier channel: its decisions are worth caching
+    out = searched.save(tmp_path / "m.onnx")
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("SmoothQuant's statistics pass ran")
+
+    passes = []
+
+    class Counting(list):
+        def __iter__(self):
+            passes.append(1)
+            return super().__iter__()
+
+    monkeypatch.setattr(qcompile.pipeline, "collect_channel_stats", no_statistics)
+    replayed = qcompile.compile_model(model, Counting(feeds()), options(recipe=tmp_path / "m.onnx.recipe.json"))
+    assert replayed.model.SerializeToString() == onnx.load(out).SerializeToString()
+    assert len(passes) == 1  # the data fingerprint, shared by SmoothQuant's key and the recipe's check
