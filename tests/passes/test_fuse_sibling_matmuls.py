@@ -56,6 +56,7 @@ def _initializers(text, gen):
         wq=gen.normal(size=(16, 16)), wk=gen.normal(size=(16, 16)), wv=gen.normal(size=(16, 16)),
         bq=gen.normal(size=16), bk=gen.normal(size=16), bv=gen.normal(size=16),
         wa=gen.normal(size=(16, 8)), ba=gen.normal(size=8), wb=gen.normal(size=(16, 4)),
+        wb8=gen.normal(size=(16, 8)), wc8=gen.normal(size=(16, 8)),
     )
     out = {k: a.astype(np.float32) for k, a in arrays.items() if k in text}
     out.update(heads=np.array([1, 6, 2, 8], np.int64), merged=np.array([1, 6, 16], np.int64))
@@ -203,3 +204,39 @@ def test_a_lone_sibling_is_left_alone():
     result, _ = _compile(text, (2, 5, 16), True, seed=3)
     ran = {r.name: r.modified for r in result.report.passes}
     assert ran["fuse_sibling_matmuls"] is False and count_ops(result.model)["Split"] == 0
+
+
+# Two projections straight into an activation MatMul: a's QuantizeLinear reads it directly, b's
+# after a Transpose (movement chains of different lengths); three siblings per-tensor weights.
+SCORES = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,6,16] x) => (float[1,6,6] y, float[1,6,8] c) {
+  n = LayerNormalization <axis=-1> (x, gamma, beta)
+  a = MatMul(n, wa)
+  bm = MatMul(n, wb8)
+  b = Transpose <perm=[0,2,1]> (bm)
+  y = MatMul(a, b)
+  c = MatMul(n, wc8)
+}"""
+
+
+def test_quantize_before_split_with_chains_of_different_lengths():
+    fused, _ = _compile(SCORES, (1, 6, 16), True, seed=4)
+    unfused, _ = _compile(SCORES, (1, 6, 16), False, seed=4)
+    ops, before = count_ops(fused.model), count_ops(unfused.model)
+    # c is a float graph output: not every sibling feeds a QuantizeLinear, so the product is split
+    # in float and a and b keep their own QuantizeLinear.
+    assert before["MatMulInteger"] == 3 and ops["MatMulInteger"] == 1 and ops["Split"] == 1
+    assert ops["QuantizeLinear"] == before["QuantizeLinear"]
+    for feed in _feeds((1, 6, 16), 3):
+        for got, want in zip(run(fused.model, feed), run(unfused.model, feed)):
+            np.testing.assert_array_equal(got, want)
+    # Without c: both qualify and quantize once before the Split.
+    text = SCORES.replace(", float[1,6,8] c", "").replace("  c = MatMul(n, wc8)\n", "")
+    fused, _ = _compile(text, (1, 6, 16), True, seed=5)
+    unfused, _ = _compile(text, (1, 6, 16), False, seed=5)
+    ops, before = count_ops(fused.model), count_ops(unfused.model)
+    assert ops["MatMulInteger"] == 1 and ops["Split"] == 1 and ops["QuantizeLinear"] == before["QuantizeLinear"] - 1
+    for feed in _feeds((1, 6, 16), 3):
+        np.testing.assert_array_equal(run(fused.model, feed)[0], run(unfused.model, feed)[0])
+        np.testing.assert_array_equal(_run_optimized(fused.model, feed)[0], _run_optimized(unfused.model, feed)[0])
+    assert check_fusion(fused.model).fused
