@@ -23,7 +23,8 @@ dominates at small batch (all-MiniLM-L6-v2 at 13 tokens: ~16 µs per projection 
 When every y_i reaches only a static QuantizeLinear with a scalar scale (y_i may first pass through
 data-movement ops: Reshape, Transpose, ... — attention's head split), and all N_i are equal, the n
 QuantizeLinear become one before the Split. Quantizing with one scale per output column is slow in
-onnxruntime (its per-axis loop runs per element when the axis is the last one), so y is reshaped
+onnxruntime (its per-axis loop runs per element when the axis is the last one: 315 µs for a
+[1, 13, 1152] tensor, against 12 µs for a Split and three scalar QuantizeLinear), so y is reshaped
 to [..., n, N] and quantized per axis -2 (one scalar per sibling), then reshaped back:
 
     q = Reshape(QuantizeLinear(Reshape(y, [..., n, N]), [s_1..s_n], [z_1..z_n], axis=-2), [..., n·N])
@@ -32,7 +33,9 @@ to [..., n, N] and quantized per axis -2 (one scalar per sibling), then reshaped
 q_i = round(y_i / s_i) + z_i saturated, the same values the scalar QuantizeLinear gave; the
 movement ops then run on the int8 tensor and feed the old QuantizeLinear's readers (its
 DequantizeLinear keeps the scalar scale). onnxruntime moves a lone QuantizeLinear up through those
-ops itself, so either way they run on int8.
+ops itself, so either way they run on int8; the one QuantizeLinear measured ~3% faster on
+all-MiniLM-L6-v2 than the float Split with three. Otherwise (unequal widths, a float reader, a graph
+output, unknown rank) the float y is split and each y_i keeps its readers.
 
 Siblings whose weight is not a constant 2-D int8 tensor, or whose weight zero point differs from the
 others', keep their own product (a note says so when that leaves a group unfused).
@@ -77,7 +80,7 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self._graph, self._fresh, self._opset = graph, FreshNames(graph), opset_version(model)
-        fused = quantize_fused = 0
+        fused = quantize_fused = members = 0
         for dql in [n for n in graph if n.op_type == "DynamicQuantizeLinear" and n.domain in ("", "ai.onnx")]:
             groups, declined = _siblings(dql)
             for reason, count in declined.items():
@@ -88,10 +91,11 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
                 if len(group) < 2:
                     continue
                 quantize_fused += self._fuse(dql, group)
-                fused += 1
+                fused, members = fused + 1, members + len(group)
         if fused:
-            add_note(model, f"{fused} group(s) of MatMuls sharing a dynamically quantized input fused into one "
-                            f"MatMulInteger + Split each; {quantize_fused} of them quantize once before the Split")
+            add_note(model, f"{members} MatMuls sharing a dynamically quantized input run as {fused} "
+                            f"(concatenated weights, then a Split); {quantize_fused} of the {fused} quantize their "
+                            f"output once before the Split")
         return ir.passes.PassResult(model, modified=fused > 0)
 
     def _value(self, base: str, dtype: ir.DataType | None = None, shape: ir.Shape | None = None) -> ir.Value:

@@ -106,7 +106,7 @@ def test_attention_projections_become_one_product_with_the_same_numbers(attentio
         np.testing.assert_array_equal(_run_optimized(fused.model, feed)[0], _run_optimized(unfused.model, feed)[0])
         # Still an int8 model of the float one (the tiny random attention is hard: ~18 dB).
         assert sqnr_db(run(parse_model(ATTENTION, inits), feed)[0], run(fused.model, feed)[0]) > 12
-    assert any("1 group(s) of MatMuls" in n and "1 of them quantize once" in n
+    assert any("3 MatMuls sharing a dynamically quantized input run as 1" in n and "1 of the 1 quantize" in n
                for p in fused.report.passes if p.name == "fuse_sibling_matmuls" for n in p.notes)
 
 
