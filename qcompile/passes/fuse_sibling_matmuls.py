@@ -143,7 +143,7 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
         chains = [_quantize_chain(s.out) for s in group]
         rank = len(out_shape) if out_shape is not None else None
         grouped = (self._opset >= 13 and rank is not None and rank >= 2 and len(set(widths)) == 1
-                   and all(c is not None for c in chains) and len({_qparams_dtype(c[-1]) for c in chains}) == 1)
+                   and all(c is not None for c in chains) and len({c[-1].inputs[2].dtype for c in chains}) == 1)
         if grouped:
             new_nodes += self._quantize_then_split(result, group, chains, rank)
         else:
@@ -171,7 +171,7 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
         base = group[0].integer.name or "MatMul"
         n, width = len(group), group[0].columns
         quants = [chain[-1] for chain in chains]
-        dtype = _qparams_dtype(quants[0])
+        dtype = quants[0].inputs[2].dtype
         # Leading 0s copy the batch dims (Reshape's allowzero is 0 by default).
         blocks = self._constant(f"{base}_fused_blocks_shape", np.array([0] * (rank - 1) + [n, width], np.int64))
         flat = self._constant(f"{base}_fused_flat_shape", np.array([0] * (rank - 1) + [n * width], np.int64))
@@ -293,10 +293,4 @@ def _quantize_chain(value: ir.Value) -> list[ir.Node] | None:
     scale, zero_point = constant_array(quant.inputs[1]), constant_array(quant.inputs[2])
     if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
         return None
-    if _qparams_dtype(quant) not in (ir.DataType.UINT8, ir.DataType.INT8):
-        return None
-    return chain
-
-
-def _qparams_dtype(quant: ir.Node) -> ir.DataType | None:
-    return quant.inputs[2].dtype
+    return chain if quant.inputs[2].dtype in (ir.DataType.UINT8, ir.DataType.INT8) else None
