@@ -145,6 +145,7 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             weight_granularity=flags["weight_granularity"],
             keep_float=tuple(flags["keep_float"]),
             dynamic_matmul=flags["dynamic_matmul"],
+            fuse_sibling_matmuls=flags["fuse_sibling_matmuls"],
             quantize_activation_matmuls=not flags["no_quantize_activation_matmuls"],
         ),
         calibration=CalibrationOptions(
@@ -211,6 +212,8 @@ def _choice(enum_cls) -> click.Choice:
 @click.option("--keep-float", multiple=True, help="Node name, name pattern (fnmatch) or op type to keep in float. Repeatable.")
 @click.option("--dynamic-matmul/--no-dynamic-matmul", default=True, show_default=True,
               help="MatMuls reading a float op's output quantize it at run time (DynamicQuantizeLinear).")
+@click.option("--fuse-sibling-matmuls/--no-fuse-sibling-matmuls", default=True, show_default=True,
+              help="Dynamically quantized MatMuls sharing an input run as one MatMul on concatenated weights + Split.")
 @click.option("--no-quantize-activation-matmuls", is_flag=True,
               help="Keep MatMuls of two activations (attention's Q·Kᵀ, softmax·V) float.")
 @click.option("--precision", multiple=True, metavar="PATTERN=PRECISION",

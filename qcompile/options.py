@@ -95,6 +95,9 @@ class SchemeOptions:
     # (DynamicQuantizeLinear, fused by onnxruntime into DynamicQuantizeMatMul / MatMulIntegerToFloat
     # with the bias) instead of through a standalone calibrated QuantizeLinear. uint8 activations only.
     dynamic_matmul: bool = True
+    # Dynamically quantized MatMuls sharing an input (attention's Q/K/V projections) run as one
+    # MatMulInteger on concatenated weights and a Split; bit-identical, fewer kernels.
+    fuse_sibling_matmuls: bool = True
     # MatMuls of two activations (attention's Q·Kᵀ and softmax·V) in int8 (onnxruntime's
     # QLinearMatMul / MatMulIntegerToFloat). False keeps them float: all-MiniLM-L6-v2 measured
     # mean cosine 0.9921 with them int8, 0.9925 float before SmoothQuant; 0.9979 and 0.9981 with it.

@@ -39,6 +39,7 @@ from qcompile.passes import (
     DeriveBiasPass,
     EliminateIdentityPass,
     EqualizeCrossLayerPass,
+    FuseSiblingMatMulsPass,
     FoldBatchNormPass,
     InsertObserversPass,
     PlaceQDQPass,
@@ -118,6 +119,8 @@ def finalize_passes(
         # After placement (it rewrites the placed Q → DQ → MatMul), before remove_unused (which
         # drops the static Q/DQ pairs it leaves unread).
         *([("quantize_dynamic_matmul", QuantizeDynamicMatMulPass())] if options.scheme.dynamic_matmul else []),
+        *([("fuse_sibling_matmuls", FuseSiblingMatMulsPass())]
+          if options.scheme.dynamic_matmul and options.scheme.fuse_sibling_matmuls else []),
     ]
     if int4_nodes:
         # After placement, on the MatMuls annotation kept float for their int4 weights.

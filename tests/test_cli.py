@@ -238,6 +238,11 @@ def test_smooth_quant_and_activation_matmul_flags_map_to_their_fields():
     assert not options.scheme.quantize_activation_matmuls
 
 
+def test_fuse_sibling_matmuls_flag_maps_to_its_field():
+    assert _parsed_options().scheme.fuse_sibling_matmuls
+    assert not _parsed_options("--no-fuse-sibling-matmuls").scheme.fuse_sibling_matmuls
+
+
 @pytest.mark.parametrize("flag, dynamic", [(None, True), ("--no-dynamic-matmul", False)])
 def test_dynamic_matmul_flag(tmp_path, flag, dynamic):
     from tests.passes.test_quantize_dynamic_matmul import ONE_MATMUL, _model

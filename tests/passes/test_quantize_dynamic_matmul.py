@@ -161,7 +161,9 @@ def test_matmul_after_an_int8_op_keeps_the_static_form():
 def test_option_off_restores_the_static_model(dynamic):
     make = _model()
     # SmoothQuant off: the static reference below is the plain annotate → calibrate → Q/DQ path.
-    options = CompileOptions(scheme=SchemeOptions(dynamic_matmul=dynamic), verification=VerificationOptions(enabled=False),
+    # Sibling fusion off: this counts quantize_dynamic_matmul's own form (fuse_sibling_matmuls has its tests).
+    options = CompileOptions(scheme=SchemeOptions(dynamic_matmul=dynamic, fuse_sibling_matmuls=False),
+                             verification=VerificationOptions(enabled=False),
                              smooth_quant=SmoothQuantOptions(enabled=False), show_progress=False)
     feeds = _feeds()
     result = qcompile.compile_model(to_proto(make()), feeds, options)
