@@ -40,6 +40,7 @@ from qcompile.passes import (
     EliminateIdentityPass,
     EqualizeCrossLayerPass,
     FoldBatchNormPass,
+    FoldMatMulScalePass,
     InsertObserversPass,
     PlaceQDQPass,
     QuantizeDynamicMatMulPass,
@@ -122,6 +123,8 @@ def finalize_passes(
         # After placement, on the MatMuls annotation kept float for their int4 weights.
         passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
     passes += [
+        # After placement and the dynamic rewrite: it folds a constant Mul into the scale they emit.
+        ("fold_matmul_scale", FoldMatMulScalePass()),
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]

@@ -11,6 +11,7 @@ from qcompile.passes.derive_bias import DeriveBiasPass
 from qcompile.passes.equalize_cross_layer import EqualizeCrossLayerPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.fold_matmul_scale import FoldMatMulScalePass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
 from qcompile.passes.quantize_dynamic_matmul import QuantizeDynamicMatMulPass
@@ -32,6 +33,7 @@ __all__ = [
     "EliminateIdentityPass",
     "EqualizeCrossLayerPass",
     "FoldBatchNormPass",
+    "FoldMatMulScalePass",
     "InsertObserversPass",
     "PlaceQDQPass",
     "QuantizeDynamicMatMulPass",
