@@ -41,6 +41,7 @@ from qcompile.passes import (
     EqualizeCrossLayerPass,
     FoldBatchNormPass,
     FoldMatMulScalePass,
+    FoldSmoothingMulPass,
     InsertObserversPass,
     PlaceQDQPass,
     QuantizeDynamicMatMulPass,
@@ -345,6 +346,8 @@ def smoothing_stage(
 
     pass_ = SmoothQuantPass(options.smooth_quant, options.scheme, options.calibration, statistics)
     if runner.run_one(model, "smooth_quant", pass_).modified:
+        # Before annotation and calibration: they see the weights that took the Mul's scale.
+        runner.run_one(model, "fold_smoothing_mul", FoldSmoothingMulPass())
         model = runner.run(model, [("annotate_after_smoothing", _annotate(runner, model, policy))])
     return model
 

@@ -12,6 +12,7 @@ from qcompile.passes.equalize_cross_layer import EqualizeCrossLayerPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.fold_matmul_scale import FoldMatMulScalePass
+from qcompile.passes.fold_smoothing_mul import FoldSmoothingMulPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
 from qcompile.passes.quantize_dynamic_matmul import QuantizeDynamicMatMulPass
@@ -34,6 +35,7 @@ __all__ = [
     "EqualizeCrossLayerPass",
     "FoldBatchNormPass",
     "FoldMatMulScalePass",
+    "FoldSmoothingMulPass",
     "InsertObserversPass",
     "PlaceQDQPass",
     "QuantizeDynamicMatMulPass",
