@@ -171,7 +171,8 @@ def _reshape_step(node: ir.Node, index: np.ndarray, channel: np.ndarray, last: i
         if product == size:
             suffix = known[j:]
             break
-    lead = _dims(node.inputs[0])[: index.ndim - k]
+    dims = _dims(node.inputs[0])
+    lead = dims[: index.ndim - k] if len(dims) == index.ndim else [None]
     if suffix is None and inferred and all(d is not None for d in lead) and inferred[: len(lead)] == lead:
         rest = known[len(lead):]
         others = int(np.prod([d for d in rest if d is not None]))
@@ -220,7 +221,8 @@ def _plan(mul: ir.Node) -> tuple[list[tuple[ir.Node, int]], np.ndarray, list[np.
     index = np.arange(n).reshape([1] * (rank - 1) + [n])
     channel = np.array([False] * (rank - 1) + [n > 1])
     indices = [index]
-    k = int(m.shape[-1]) if m.ndim else None
+    readers = {use.node.op_type for use in mul.outputs[0].uses()}
+    k = int(m.shape[-1]) if m.ndim and readers <= {"MatMul", "Gemm"} else None
     for step, (node, i) in enumerate(chain[1:], start=2):
         # x's last axis is the smoothed MatMuls' K: they read it (before SmoothQuant, directly) and a
         # MatMul's contraction does not broadcast.
@@ -237,8 +239,8 @@ def _plan(mul: ir.Node) -> tuple[list[tuple[ir.Node, int]], np.ndarray, list[np.
     s[index.reshape(-1)] = np.broadcast_to(m, index.shape).reshape(-1)
     for node, i in chain:
         constant = node.inputs[1] if node is weight_node else node.inputs[1 - i] if node.op_type == "Add" else None
-        if constant is not None and (constant.is_graph_output() or len(constant.uses()) != 1):
-            raise _Declined(f"{constant.name!r} is also read elsewhere")
+        if constant is not None and (constant.is_graph_output() or len(constant.uses()) != 1 or constant.const_value is None):
+            raise _Declined(f"{constant.name!r} is not an initializer of this node alone")
     return chain, s, indices
 
 
