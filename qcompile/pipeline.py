@@ -346,8 +346,9 @@ def smoothing_stage(
 
     pass_ = SmoothQuantPass(options.smooth_quant, options.scheme, options.calibration, statistics)
     if runner.run_one(model, "smooth_quant", pass_).modified:
-        # Before annotation and calibration: they see the weights that took the Mul's scale.
-        runner.run_one(model, "fold_smoothing_mul", FoldSmoothingMulPass())
+        if options.smooth_quant.fold_upstream:
+            # Before annotation and calibration: they see the weights that took the Mul's scale.
+            runner.run_one(model, "fold_smoothing_mul", FoldSmoothingMulPass())
         model = runner.run(model, [("annotate_after_smoothing", _annotate(runner, model, policy))])
     return model
 

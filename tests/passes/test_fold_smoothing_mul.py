@@ -6,12 +6,13 @@ import numpy as np
 import onnx_ir.passes.common as common_passes
 import pytest
 
+import qcompile
 from qcompile.graph.notes import notes
-from qcompile.options import SchemeOptions
+from qcompile.options import SchemeOptions, SmoothQuantOptions
 from qcompile.passes import AnnotatePass, FoldSmoothingMulPass
 from qcompile.passes.smooth_quant import SMOOTHING_MUL
 from qcompile.quant.spec import DECISION_KEY, FLOAT_REASON_KEY
-from tests.helpers import assert_numerically_close, count_ops, parse_model, run
+from tests.helpers import assert_numerically_close, count_ops, parse_model, run, sqnr_db, to_proto
 
 rng = np.random.default_rng(0)
 
@@ -128,3 +129,33 @@ def test_a_mul_not_made_by_smoothquant_is_left_alone():
     del mul.metadata_props[FLOAT_REASON_KEY]
     assert not FoldSmoothingMulPass()(model).modified
     assert not any("fold_smoothing_mul" in n for n in notes(model))
+
+
+def _compile(fold_upstream):
+    text = CONTEXT.replace("{split}", CONSTANT_SHAPES[0]).replace("{merge}", CONSTANT_SHAPES[1])
+    text = text.replace("  xs = Mul(cm, factor)\n  y = MatMul(xs, wo)", "  y = MatMul(cm, wo)")
+    local = np.random.default_rng(3)
+    wv = local.normal(size=(8, 8)).astype(np.float32)
+    wv[:, [2, 5]] *= 30.0  # outlier channels of the context, for SmoothQuant to move into wo
+    inits = {k: v for k, v in WEIGHTS.items() if k in ("bv", "wo", "split_shape", "merge_shape")}
+    model = parse_model(text, {**inits, "wv": wv})
+    feeds = [_feed() for _ in range(16)]
+    options = qcompile.CompileOptions(
+        smooth_quant=SmoothQuantOptions(min_gain=0.0, fold_upstream=fold_upstream),
+        verification=qcompile.VerificationOptions(enabled=False), show_progress=False,
+    )
+    result = qcompile.compile_model(to_proto(model), feeds, options)
+    return model, result, feeds
+
+
+def test_option_folds_the_context_mul_and_off_keeps_it():
+    model, off, feeds = _compile(False)
+    _, on, _ = _compile(True)
+    ran_off = {r.name: r.modified for r in off.report.passes}
+    ran_on = {r.name: r.modified for r in on.report.passes}
+    assert ran_off["smooth_quant"] and "fold_smoothing_mul" not in ran_off
+    assert ran_on["fold_smoothing_mul"]
+    # The smoothing Mul is the only Mul: off keeps it, on folds it into wv and bv.
+    assert count_ops(off.model)["Mul"] - count_ops(on.model)["Mul"] == 1
+    reference, quantized = run(model, feeds[0])[0], run(on.model, feeds[0])[0]
+    assert sqnr_db(reference, quantized) > 25
