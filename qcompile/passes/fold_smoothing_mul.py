@@ -22,6 +22,13 @@ declines (with a note) a Reshape whose trailing target entries (constant, or con
 Concat) do not regroup exactly the channel axes, a MatMul contracting over a channel axis, an unknown
 rank, a scale varying along a non-channel axis, or a weight or bias read elsewhere.
 
+The step before the removed Mul is pinned float (``FLOAT_REASON_KEY``): the readers then quantize
+its output at run time as they did the Mul's, instead of reading a statically calibrated int8 tensor.
+
+Opt-in (``SmoothQuantOptions.fold_upstream``): exact in float, but V's own int8 quantization then
+sees V/s. MiniLM (all-MiniLM-L6-v2, benchmark minilm): 6 Muls folded, 288 instead of 294 nodes in
+onnxruntime's optimized graph, SQNR 23.54 → 23.39 dB, mean cosine 0.99827 → 0.99818.
+
 Precondition: SmoothQuantPass has run, before annotation and calibration (they see the folded graph).
 """
 
