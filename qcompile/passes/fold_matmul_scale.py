@@ -50,7 +50,7 @@ def _only_reader(value: ir.Value, node: ir.Node) -> bool:
     return not value.is_graph_output() and {use.node for use in value.uses()} == {node}
 
 
-def scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
+def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
     """(the scaled tensor, c) when ``node`` is ``Mul(x, c)``, ``Mul(c, x)`` or ``Div(x, 1/c)``, c > 0 finite."""
     if not (_is_op(node, "Mul") or _is_op(node, "Div")) or len(node.inputs) != 2 or None in node.inputs:
         return None
@@ -79,7 +79,7 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
         self._names = FreshNames(graph)
         folded: list[str] = []
         for node in list(graph):
-            match = scalar_factor(node)
+            match = _scalar_factor(node)
             if match is None:
                 continue
             x, c = match
