@@ -90,8 +90,12 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
             if not done:
                 add_note(model, f"fold_matmul_scale declined: {node.name}: {where}")
                 continue
+            name = node.outputs[0].name
             ir.convenience.replace_all_uses_with(node.outputs[0], x)
             graph.remove(node, safe=True)
+            # x now holds what the Mul output held: it takes its name (per-layer comparisons with
+            # the float model go by names).
+            x.name = name
             folded.append(f"{node.name} (×{c:.6g}) into {where}")
         if folded:
             add_note(model, f"fold_matmul_scale: {len(folded)} constant Mul/Div after a MatMul folded: " + "; ".join(folded))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
 from qcompile.passes.smooth_quant import SMOOTHING_MUL
@@ -195,6 +196,7 @@ def _reshape_step(node: ir.Node, index: np.ndarray, channel: np.ndarray, last: i
 class FoldSmoothingMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        names = FreshNames(graph)
         folded, declined = 0, []
         for mul in list(graph):
             if mul.metadata_props.get(FLOAT_REASON_KEY) != SMOOTHING_MUL or not _is_op(mul, "Mul"):
@@ -204,7 +206,7 @@ class FoldSmoothingMulPass(ir.passes.InPlacePass):
             except _Declined as exc:
                 declined.append(f"{mul.name}: {exc}")
                 continue
-            _apply(mul, *plan)
+            _apply(mul, *plan, names)
             graph.remove(mul, safe=True)
             folded += 1
         if folded:
@@ -251,8 +253,12 @@ def _plan(mul: ir.Node) -> tuple[list[tuple[ir.Node, int]], np.ndarray, list[np.
     return chain, s, indices
 
 
-def _apply(mul: ir.Node, chain: list[tuple[ir.Node, int]], s: np.ndarray, indices: list[np.ndarray]) -> None:
+def _apply(mul: ir.Node, chain: list[tuple[ir.Node, int]], s: np.ndarray, indices: list[np.ndarray], names: FreshNames) -> None:
     for (node, i), index in zip(chain, indices):
+        if node is not chain[-1][0]:
+            # Its values are scaled per channel now: a new name, so that nothing compares it with
+            # the float model's tensor of the old name.
+            node.outputs[0].name = names(f"{node.outputs[0].name}_smoothed")
         if node is chain[0][0]:
             weight = node.inputs[1]
             data = constant_array(weight)
@@ -274,4 +280,6 @@ def _apply(mul: ir.Node, chain: list[tuple[ir.Node, int]], s: np.ndarray, indice
         producer.metadata_props[FLOAT_REASON_KEY] = KEPT_FLOAT
     if RANGE_METHOD_KEY in mul.outputs[0].meta:  # the calibration method SmoothQuant chose for X/s
         x.meta[RANGE_METHOD_KEY] = mul.outputs[0].meta[RANGE_METHOD_KEY]
+    name = mul.outputs[0].name
     ir.convenience.replace_all_uses_with(mul.outputs[0], x)
+    x.name = name  # x holds what the Mul output held

@@ -74,6 +74,8 @@ def test_score_scale_goes_into_the_dequantize_scale(scaled):
     # One DequantizeLinear carries s·c; its QuantizeLinear keeps s.
     scales = sorted(float(v.const_value.numpy()) for v in after.graph.initializers.values() if v.name.endswith("_folded"))
     assert len(scales) == 1
+    # The MatMul output now holds what the Mul output held, under its name.
+    assert next(n for n in after.graph if n.op_type == "MatMul").outputs[0].name == "s"
     # onnxruntime still fuses the MatMul, now with no kernel after it.
     optimized = count_ops(optimized_graph(to_proto(after)))
     assert optimized["MatMulIntegerToFloat"] == 1 and optimized["Mul"] == optimized["Div"] == 0

@@ -83,13 +83,17 @@ def test_context_scale_moves_into_the_value_projection(shapes):
     np.testing.assert_allclose(wv, WEIGHTS["wv"] * WEIGHTS["factor"][None, :], rtol=1e-6)
     np.testing.assert_allclose(after.graph.initializers["bv"].const_value.numpy(), WEIGHTS["bv"] * WEIGHTS["factor"], rtol=1e-6)
     assert any("fold_smoothing_mul: 1 SmoothQuant Mul(s) folded" in n for n in notes(after))
+    # Names keep their meaning: the merged context holds what the Mul output held; the scaled
+    # values on the way are renamed (the float model's v, c are unscaled).
+    produced = {n.op_type + "/" + n.outputs[0].name for n in after.graph}
+    assert "Reshape/xs" in produced and "Add/v_smoothed" in produced and "MatMul/c_smoothed" in produced
 
 
 def test_the_step_before_stays_float_so_the_projection_still_reads_a_float_op():
     model = _model()
     FoldSmoothingMulPass()(model)
     AnnotatePass(SchemeOptions())(model)
-    merge = next(n for n in model.graph if n.outputs[0].name == "cm")
+    merge = next(n for n in model.graph if n.op_type == "Reshape" and n.outputs[0].uses()[0].node.op_type == "MatMul")
     projection = next(n for n in model.graph if n.outputs[0].name == "y")
     assert not merge.meta[DECISION_KEY].quantized and projection.meta[DECISION_KEY].quantized
 
