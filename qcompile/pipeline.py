@@ -123,9 +123,12 @@ def finalize_passes(
     if int4_nodes:
         # After placement, on the MatMuls annotation kept float for their int4 weights.
         passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
+    if profile_for(options.target).session_provider == "cpu":
+        # After placement and the dynamic rewrite: a constant Mul goes into the scale they emit. For
+        # onnxruntime's CPU kernels only: it gives a DequantizeLinear another scale than its
+        # QuantizeLinear, which explicit-quantization runtimes (TensorRT) pair up.
+        passes.append(("fold_matmul_scale", FoldMatMulScalePass()))
     passes += [
-        # After placement and the dynamic rewrite: it folds a constant Mul into the scale they emit.
-        ("fold_matmul_scale", FoldMatMulScalePass()),
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
     ]

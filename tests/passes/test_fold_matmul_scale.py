@@ -5,6 +5,8 @@ import onnx
 import onnx_ir.passes.common as common_passes
 import pytest
 
+import qcompile
+
 from qcompile.graph.notes import notes
 from qcompile.passes import FoldMatMulScalePass, QuantizeDynamicMatMulPass
 from qcompile.verify.fusion import check_fusion, optimized_graph
@@ -149,3 +151,15 @@ def test_dequantize_read_by_two_matmuls_is_declined_with_a_note():
     assert not _fold(model)
     assert any("read elsewhere" in n for n in notes(model))
     np.testing.assert_array_equal(run(model, feeds[0])[0], reference[0])
+
+
+@pytest.mark.parametrize("target", ["cpu", "tensorrt"])
+def test_pipeline_folds_for_onnxruntime_cpu_only(target):
+    """TensorRT pairs each DequantizeLinear with its QuantizeLinear: its compile keeps the Mul."""
+    options = qcompile.CompileOptions(target=target, verification=qcompile.VerificationOptions(enabled=False), show_progress=False)
+    result = qcompile.compile_model(to_proto(_scores()), _score_feeds(), options)
+    ran = {r.name: r.modified for r in result.report.passes}
+    if target == "cpu":
+        assert ran["fold_matmul_scale"] and count_ops(result.model)["Mul"] == 0
+    else:
+        assert "fold_matmul_scale" not in ran and count_ops(result.model)["Mul"] == 1
