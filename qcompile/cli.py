@@ -165,6 +165,7 @@ def _options_from_flags(flags: dict[str, Any]) -> CompileOptions:
             alphas=_numbers(flags["smooth_quant_alphas"], "--smooth-quant-alphas"),
             min_gain=flags["smooth_quant_min_gain"],
             rows=flags["smooth_quant_rows"],
+            fold_upstream=flags["smooth_quant_fold_upstream"],
         ),
         verification=VerificationOptions(
             enabled=not flags["no_verify"],
@@ -245,6 +246,8 @@ def _choice(enum_cls) -> click.Choice:
               help="SmoothQuant: smooth a group only when its simulated output error drops by this fraction.")
 @click.option("--smooth-quant-rows", type=int, default=_SMOOTH_QUANT_DEFAULTS.rows, show_default=True,
               help="SmoothQuant: calibration rows sampled per tensor to choose α.")
+@click.option("--smooth-quant-fold-upstream", is_flag=True,
+              help="SmoothQuant: fold a remaining smoothing Mul into the weight that makes its channels (the attention context into V).")
 @click.option("--random-samples", type=int, default=32, show_default=True, help="Samples drawn with --calib random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-sqnr", type=float, default=None, help="Fail (exit 5) when an output's SQNR in dB is below this.")

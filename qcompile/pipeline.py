@@ -39,8 +39,10 @@ from qcompile.passes import (
     DeriveBiasPass,
     EliminateIdentityPass,
     EqualizeCrossLayerPass,
-    FuseSiblingMatMulsPass,
     FoldBatchNormPass,
+    FoldMatMulScalePass,
+    FoldSmoothingMulPass,
+    FuseSiblingMatMulsPass,
     InsertObserversPass,
     PlaceQDQPass,
     QuantizeDynamicMatMulPass,
@@ -125,6 +127,11 @@ def finalize_passes(
     if int4_nodes:
         # After placement, on the MatMuls annotation kept float for their int4 weights.
         passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
+    if profile_for(options.target).session_provider == "cpu":
+        # After placement and the dynamic rewrite: a constant Mul goes into the scale they emit. For
+        # onnxruntime's CPU kernels only: it gives a DequantizeLinear another scale than its
+        # QuantizeLinear, which explicit-quantization runtimes (TensorRT) pair up.
+        passes.append(("fold_matmul_scale", FoldMatMulScalePass()))
     passes += [
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),
@@ -368,6 +375,9 @@ def smoothing_stage(
         else:
             runner.records[-1].notes.append(f"smooth_quant: decisions from calibration cache {cache_path} (no statistics pass)")
     if result.modified:
+        if options.smooth_quant.fold_upstream:
+            # Before annotation and calibration: they see the weights that took the Mul's scale.
+            runner.run_one(model, "fold_smoothing_mul", FoldSmoothingMulPass())
         model = runner.run(model, [("annotate_after_smoothing", _annotate(runner, model, policy))])
     return model
 

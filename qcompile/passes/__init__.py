@@ -11,6 +11,8 @@ from qcompile.passes.derive_bias import DeriveBiasPass
 from qcompile.passes.equalize_cross_layer import EqualizeCrossLayerPass
 from qcompile.passes.eliminate_identity import EliminateIdentityPass
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.fold_matmul_scale import FoldMatMulScalePass
+from qcompile.passes.fold_smoothing_mul import FoldSmoothingMulPass
 from qcompile.passes.fuse_sibling_matmuls import FuseSiblingMatMulsPass
 from qcompile.passes.insert_observers import InsertObserversPass
 from qcompile.passes.place_qdq import PlaceQDQPass
@@ -33,6 +35,8 @@ __all__ = [
     "EliminateIdentityPass",
     "EqualizeCrossLayerPass",
     "FoldBatchNormPass",
+    "FoldMatMulScalePass",
+    "FoldSmoothingMulPass",
     "FuseSiblingMatMulsPass",
     "InsertObserversPass",
     "PlaceQDQPass",
