@@ -2,8 +2,9 @@
 
 The machines are shared and noisy, so a latency means something only as a ratio to another model
 timed in the same loop (``MEASURING.md``). Every session is built first and warmed up, then the
-models are timed interleaved — run 1 of each, run 2 of each, ... — so that a burst of noise falls on
-all of them alike. Sessions come from ``make_session``, which turns intra-op spinning off.
+models are timed interleaved — run 1 of each, run 2 of each, ... (in a new seeded order each round,
+so that no model always runs right after the same one) — so that a burst of noise falls on all of
+them alike. Sessions come from ``make_session``, which turns intra-op spinning off.
 No test asserts a timing.
 """
 
@@ -83,10 +84,16 @@ def measure_latency(
             for _ in range(warmup):
                 sess.run(None, feed)
         started = time.perf_counter()
+        names = list(sessions)
+        order = np.random.default_rng(0)  # seeded: the same rounds for the same models
         for done in range(runs):
             if time_budget_s is not None and done >= min_runs and time.perf_counter() - started > time_budget_s:
                 break
-            for current, sess in sessions.items():
+            # A new order each round: a model run right after a large one starts with its caches
+            # evicted (MiniLM's 86 MiB float weights), measured 2-4% slower than the same model
+            # elsewhere in a fixed order. Shuffling gives every model every predecessor alike.
+            for current in order.permutation(names):
+                sess = sessions[current]
                 start = time.perf_counter()
                 sess.run(None, feed)
                 times[current].append((time.perf_counter() - start) * 1e3)

@@ -1,3 +1,4 @@
+import importlib
 import numpy as np
 import pytest
 
@@ -29,3 +30,26 @@ def test_latency_argument_errors():
 def test_time_budget_stops_after_min_runs():
     results = measure_latency({"m": mlp()}, feeds(1)[0], warmup=0, runs=1000, time_budget_s=0.0, min_runs=4)
     assert results["m"].runs == 4
+
+
+def test_rounds_run_in_varying_order(monkeypatch):
+    # A fixed order always runs a model right after the same one (after a large float model its
+    # caches start cold); every model must follow every other one in some round.
+    latency = importlib.import_module("qcompile.verify.latency")
+
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feed):
+            calls.append(self.name)
+
+    monkeypatch.setattr(latency, "make_session", lambda model, *a, **k: Recorder(model))
+    results = measure_latency({"a": "a", "b": "b", "c": "c"}, feeds(1)[0], warmup=0, runs=30)
+    assert all(r.runs == 30 for r in results.values())
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    predecessors = {(r[i - 1], r[i]) for r in rounds for i in range(1, 3)}
+    assert predecessors == {(x, y) for x in "abc" for y in "abc" if x != y}
