@@ -121,17 +121,18 @@ def finalize_passes(
         # After placement (it rewrites the placed Q → DQ → MatMul), before remove_unused (which
         # drops the static Q/DQ pairs it leaves unread).
         *([("quantize_dynamic_matmul", QuantizeDynamicMatMulPass())] if options.scheme.dynamic_matmul else []),
-        *([("fuse_sibling_matmuls", FuseSiblingMatMulsPass())]
-          if options.scheme.dynamic_matmul and options.scheme.fuse_sibling_matmuls else []),
     ]
-    if int4_nodes:
-        # After placement, on the MatMuls annotation kept float for their int4 weights.
-        passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
     if profile_for(options.target).session_provider == "cpu":
-        # After placement and the dynamic rewrite: a constant Mul goes into the scale they emit. For
+        # After placement and the dynamic rewrite: a constant Mul goes into the scale they emit. Before
+        # sibling fusion: a q scaled before q·kᵀ then shares its siblings' QuantizeLinear. For
         # onnxruntime's CPU kernels only: it gives a DequantizeLinear another scale than its
         # QuantizeLinear, which explicit-quantization runtimes (TensorRT) pair up.
         passes.append(("fold_matmul_scale", FoldMatMulScalePass()))
+    if options.scheme.dynamic_matmul and options.scheme.fuse_sibling_matmuls:
+        passes.append(("fuse_sibling_matmuls", FuseSiblingMatMulsPass()))
+    if int4_nodes:
+        # After placement, on the MatMuls annotation kept float for their int4 weights.
+        passes.append(("quantize_int4_weights", int4_weights_pass(int4_nodes, options.output.max_opset)))
     passes += [
         ("remove_unused_after_qdq", common_passes.RemoveUnusedNodesPass()),
         ("sort_after_qdq", common_passes.TopologicalSortPass()),

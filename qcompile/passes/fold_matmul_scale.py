@@ -16,6 +16,15 @@ Both are exact up to float rounding, and onnxruntime still fuses the result into
 (the scale is a constant input of that kernel). New initializers hold the scaled scale and bias (the
 originals may be shared: a static DequantizeLinear shares its scale with its QuantizeLinear).
 
+The same constant on a MatMul *input* (ViTs scale q before q kᵀ; torch's scaled_dot_product_attention
+export scales q and kᵀ by c^½ each) is read by that input's static QuantizeLinear, possibly through
+data-movement ops (the head split), and goes into its scale:
+
+    Q(x · c, s, z) = round(x·c / s) + z = Q(x, s / c, z)
+
+the same integers, so the DequantizeLinear keeps s. Run before ``fuse_sibling_matmuls``, this also
+lets a scaled q projection share its siblings' single QuantizeLinear.
+
 Rule: a Mul (either input) or Div (divisor) by a constant with one element, positive and finite,
 whose other input is the float output of a standard MatMul read by nothing else, and
 - that MatMul has an input made by a DequantizeLinear read by nothing else with a constant scale
@@ -25,7 +34,9 @@ whose other input is the float output of a standard MatMul read by nothing else,
 Declined, with a note: a Mul whose output is a graph output, or whose MatMul has no DequantizeLinear
 input read by it alone. A Mul that is one of several readers of the MatMul output (GELU's Div) is
 not its scale and is left silently. A constant of one element but higher rank than the MatMul output would broadcast
-the result to a higher rank: not folded.
+the result to a higher rank: not folded. Otherwise, when the Mul's output (not a graph output) reaches
+only a QuantizeLinear with a constant one-element scale, through Reshape/Transpose/Squeeze/Unsqueeze/
+Flatten/Identity steps each read once, c goes into that QuantizeLinear's scale.
 
 The pipeline runs it for onnxruntime's CPU provider (the target whose int8 MatMul has no alpha).
 MiniLM (all-MiniLM-L6-v2): its 6 attention-score Muls go; onnxruntime's optimized graph has 294
@@ -44,6 +55,11 @@ import onnx_ir as ir
 from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
 from qcompile.graph.queries import constant_array
+
+
+# Ops that move elements without changing them: a scalar factor commutes with each.
+_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+_MAX_MOVEMENT = 8
 
 
 def _is_op(node: ir.Node | None, op_type: str) -> bool:
@@ -89,6 +105,14 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
             x, c = match
             outcome = self._fold(x, c, node)
             if outcome is None:
+                quantize = self._quantize_reader(node)
+                if quantize is None:
+                    continue
+                # Q(x·c, s) = Q(x, s/c): the integers (and the DequantizeLinear after them) are unchanged.
+                quantize.replace_input_with(1, self._scaled(quantize.inputs[1], 1.0 / c))
+                ir.convenience.replace_all_uses_with(node.outputs[0], x)
+                graph.remove(node, safe=True)
+                folded.append(f"{node.name} (×{c:.6g}) into the scale of {quantize.name}")
                 continue
             done, where = outcome
             if not done:
@@ -102,7 +126,7 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
             x.name = name
             folded.append(f"{node.name} (×{c:.6g}) into {where}")
         if folded:
-            add_note(model, f"fold_matmul_scale: {len(folded)} constant Mul/Div after a MatMul folded: " + "; ".join(folded))
+            add_note(model, f"fold_matmul_scale: {len(folded)} constant Mul/Div at a MatMul folded: " + "; ".join(folded))
         return ir.passes.PassResult(model, modified=bool(folded))
 
     def _fold(self, x: ir.Value, c: float, mul: ir.Node) -> tuple[bool, str] | None:
@@ -149,6 +173,23 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
         dq = min(dqs, key=lambda n: constant_array(n.inputs[1]).size)
         dq.replace_input_with(1, self._scaled(dq.inputs[1], c))
         return True, f"the scale of {dq.name}"
+
+    @staticmethod
+    def _quantize_reader(mul: ir.Node) -> ir.Node | None:
+        """The QuantizeLinear (constant one-element scale) that alone reads ``mul``'s output, through movement ops."""
+        value = mul.outputs[0]
+        for _ in range(_MAX_MOVEMENT):
+            uses = list(value.uses())
+            if value.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
+                return None
+            reader = uses[0].node
+            if _is_op(reader, "QuantizeLinear"):
+                scale = constant_array(reader.inputs[1])
+                return reader if scale is not None and scale.size == 1 else None
+            if not any(_is_op(reader, op) for op in _MOVEMENT) or len(reader.outputs) != 1:
+                return None
+            value = reader.outputs[0]
+        return None
 
     def _scaled(self, value: ir.Value, c: float) -> ir.Value:
         """A new initializer: ``value``'s data times c, in its dtype."""
