@@ -15,8 +15,9 @@ axis). So the scale goes through to the columns of the weight and the bias:
 exact in real arithmetic; the Mul kernel goes, and V itself (quantized per tensor) is smoothed too.
 
 The pass follows each SmoothQuant Mul (``FLOAT_REASON_KEY`` = ``SMOOTHING_MUL``) backwards through
-Add (of a constant), Reshape, Transpose and MatMul of two activations, to a MatMul by a constant 2-D
-weight, each value read only by the next step. It proves the channel mapping by carrying, forward
+Add (of a constant), Reshape, Transpose, MatMul of two activations and Split along the channel axis
+(a packed q/k/v projection, GPT-2's c_attn: only V's columns take the scale, q's and k's keep 1), to
+a MatMul by a constant 2-D weight, each value on the chain read only by the next step. It proves the channel mapping by carrying, forward
 from the weight, an index array of the channels (size-1 axes elsewhere) through each step; it
 declines (with a note) a Reshape whose trailing target entries (constant, or constant pieces of a
 Concat) do not regroup exactly the channel axes, a MatMul contracting over a channel axis, an unknown
@@ -70,27 +71,33 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     return data
 
 
-def _chain(value: ir.Value, steps: int = 0) -> list[tuple[ir.Node, int]]:
-    """(node, index of the input on the chain) from the weight MatMul to the producer of ``value``."""
+Chain = list[tuple[ir.Node, int, ir.Value]]
+
+
+def _chain(value: ir.Value, steps: int = 0) -> Chain:
+    """(node, index of its input on the chain, its output on the chain) from the weight MatMul to the
+    producer of ``value``."""
     node = value.producer()
     if value.is_graph_output() or len(value.uses()) != 1:
         raise _Declined(f"{value.name!r} is read elsewhere")
     if node is None or steps > _MAX_STEPS:
         raise _Declined(f"no weight MatMul within {_MAX_STEPS} channel-preserving steps")
     if _weight(node) is not None:
-        return [(node, 0)]
+        return [(node, 0, value)]
     if _is_op(node, "Add") and len(node.inputs) == 2:
         constant = [constant_array(v) is not None for v in node.inputs]
         if constant.count(True) == 1:
             i = constant.index(False)
-            return _chain(node.inputs[i], steps + 1) + [(node, i)]
-    elif (_is_op(node, "Reshape") or _is_op(node, "Transpose")) and node.inputs[0] is not None:
-        return _chain(node.inputs[0], steps + 1) + [(node, 0)]
+            return _chain(node.inputs[i], steps + 1) + [(node, i, value)]
+    elif (_is_op(node, "Reshape") or _is_op(node, "Transpose") or _is_op(node, "Split")) and node.inputs[0] is not None:
+        # Split: a packed projection's (GPT-2's c_attn) output divided into q, k, v; its other
+        # outputs may have readers of their own, the columns they hold keep factor 1.
+        return _chain(node.inputs[0], steps + 1) + [(node, 0, value)]
     elif _is_op(node, "MatMul") and len(node.inputs) == 2 and None not in node.inputs:
         reasons = []
         for i in (1, 0):
             try:
-                return _chain(node.inputs[i], steps + 1) + [(node, i)]
+                return _chain(node.inputs[i], steps + 1) + [(node, i, value)]
             except _Declined as exc:
                 reasons.append(str(exc))
         raise _Declined("; ".join(reasons))
@@ -118,11 +125,15 @@ def _reshape_target(node: ir.Node) -> list[int | None]:
     return entries
 
 
-def _step(node: ir.Node, i: int, index: np.ndarray, channel: np.ndarray, last: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The channel index array (and channel-axis mask) of ``node``'s output, from its input ``i``'s.
+def _step(
+    node: ir.Node, i: int, out: ir.Value, index: np.ndarray, channel: np.ndarray, last: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The channel index array (and channel-axis mask) of ``node``'s output ``out``, from its input ``i``'s.
 
     ``last``: the size of the output's last axis when it is known from its readers, else None.
     """
+    if node.op_type == "Split":
+        return _split_step(node, out, index), channel
     if node.op_type == "Add":
         rank = max(index.ndim, constant_array(node.inputs[1 - i]).ndim)
     elif node.op_type == "Transpose":
@@ -140,6 +151,29 @@ def _step(node: ir.Node, i: int, index: np.ndarray, channel: np.ndarray, last: i
             raise _Declined(f"{node.name} is a matrix-vector product")
     pad = rank - index.ndim
     return index.reshape([1] * pad + list(index.shape)), np.concatenate([np.zeros(pad, bool), channel])
+
+
+def _split_step(node: ir.Node, out: ir.Value, index: np.ndarray) -> np.ndarray:
+    """The slice of the channel indices that ``out`` holds: Split along a channel axis keeps the
+    channels of its piece (and only those)."""
+    axis_attr = node.attributes.get("axis")
+    axis = (axis_attr.value if axis_attr is not None else 0) % index.ndim
+    n, j = index.shape[axis], list(node.outputs).index(out)
+    sizes_attr = node.attributes.get("split")
+    sizes = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is None and sizes_attr is not None:
+        sizes = np.array(sizes_attr.value)
+    if sizes is None:
+        if node.attributes.get("num_outputs") is not None and n % len(node.outputs):
+            raise _Declined(f"{node.name} splits {n} channels unevenly")  # the last piece is smaller
+        if n % len(node.outputs):
+            raise _Declined(f"{node.name} splits {n} channels into {len(node.outputs)} unequal pieces")
+        sizes = np.full(len(node.outputs), n // len(node.outputs))
+    sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+    if index.shape[axis] == 1 or sum(sizes) != n or len(sizes) != len(node.outputs):
+        raise _Declined(f"{node.name} does not split along the channel axis")
+    start = sum(sizes[:j])
+    return np.take(index, np.arange(start, start + sizes[j]), axis=axis)
 
 
 def _dims(value: ir.Value) -> list[int | str | None]:
@@ -217,7 +251,7 @@ class FoldSmoothingMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=folded > 0)
 
 
-def _plan(mul: ir.Node) -> tuple[list[tuple[ir.Node, int]], np.ndarray, list[np.ndarray]]:
+def _plan(mul: ir.Node) -> tuple[Chain, np.ndarray, list[np.ndarray]]:
     """(the chain, the weight's column factors, the index array at each chain node's output)."""
     x, factor = mul.inputs
     m = constant_array(factor)
@@ -232,11 +266,11 @@ def _plan(mul: ir.Node) -> tuple[list[tuple[ir.Node, int]], np.ndarray, list[np.
     indices = [index]
     readers = {use.node.op_type for use in mul.outputs[0].uses()}
     k = int(m.shape[-1]) if m.ndim and readers <= {"MatMul", "Gemm"} else None
-    for step, (node, i) in enumerate(chain[1:], start=2):
+    for step, (node, i, out) in enumerate(chain[1:], start=2):
         # x's last axis is the smoothed MatMuls' K: they read it (before SmoothQuant, directly) and a
         # MatMul's contraction does not broadcast.
         last = k if step == len(chain) and k is not None and k > 1 else None
-        index, channel = _step(node, i, index, channel, last)
+        index, channel = _step(node, i, out, index, channel, last)
         channel = channel & (np.array(index.shape) > 1)  # a size-1 axis carries no channel
         indices.append(index)
     if m.ndim > index.ndim or np.broadcast_shapes(m.shape, index.shape) != index.shape:
@@ -244,21 +278,21 @@ def _plan(mul: ir.Node) -> tuple[list[tuple[ir.Node, int]], np.ndarray, list[np.
     varying = np.array([False] * (index.ndim - m.ndim) + [d > 1 for d in m.shape])
     if (varying & ~channel).any():
         raise _Declined("its factor varies along a non-channel axis")
-    s = np.empty(n, np.float64)
+    s = np.ones(n, np.float64)  # columns the chain does not carry (a Split's other pieces) keep theirs
     s[index.reshape(-1)] = np.broadcast_to(m, index.shape).reshape(-1)
-    for node, i in chain:
+    for node, i, _ in chain:
         constant = node.inputs[1] if node is weight_node else node.inputs[1 - i] if node.op_type == "Add" else None
         if constant is not None and (constant.is_graph_output() or len(constant.uses()) != 1 or constant.const_value is None):
             raise _Declined(f"{constant.name!r} is not an initializer of this node alone")
     return chain, s, indices
 
 
-def _apply(mul: ir.Node, chain: list[tuple[ir.Node, int]], s: np.ndarray, indices: list[np.ndarray], names: FreshNames) -> None:
-    for (node, i), index in zip(chain, indices):
+def _apply(mul: ir.Node, chain: Chain, s: np.ndarray, indices: list[np.ndarray], names: FreshNames) -> None:
+    for (node, i, out), index in zip(chain, indices):
         if node is not chain[-1][0]:
             # Its values are scaled per channel now: a new name, so that nothing compares it with
             # the float model's tensor of the old name.
-            node.outputs[0].name = names(f"{node.outputs[0].name}_smoothed")
+            out.name = names(f"{out.name}_smoothed")
         if node is chain[0][0]:
             weight = node.inputs[1]
             data = constant_array(weight)

@@ -163,3 +163,47 @@ def test_pipeline_folds_for_onnxruntime_cpu_only(target):
         assert ran["fold_matmul_scale"] and count_ops(result.model)["Mul"] == 0
     else:
         assert "fold_matmul_scale" not in ran and count_ops(result.model)["Mul"] == 1
+
+
+# q scaled before q·kᵀ (timm's ViT; torch's scaled_dot_product_attention export scales q and kᵀ),
+# through a head reshape.
+SCALED_INPUT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,5,2,4] q, float[2,8,5] k) => (float[2,5,5] y{extra}) {
+  qs = Mul(q, c)
+  qr = Reshape(qs, shape)
+  m = MatMul(qr, k)
+  y = Softmax <axis=-1> (m)
+}"""
+
+
+SCALED_FEEDS = [{"q": rng.normal(size=(2, 5, 2, 4)).astype(np.float32), "k": rng.normal(size=(2, 8, 5)).astype(np.float32)}
+                for _ in range(6)]
+
+
+def _scaled_input(extra=""):
+    text = SCALED_INPUT.replace("{extra}", extra)
+    inits = {"c": np.array(0.25, dtype=np.float32), "shape": np.array([2, 5, 8])}
+    return quantize(parse_model(text, inits), SCALED_FEEDS), SCALED_FEEDS
+
+
+def test_a_scale_on_a_matmul_input_goes_into_its_quantize_scale():
+    before, feeds = _scaled_input()
+    after, _ = _scaled_input()
+    assert count_ops(after)["Mul"] == 1
+    assert _fold(after)
+    assert count_ops(after)["Mul"] == 0
+    onnx.checker.check_model(to_proto(after), full_check=True)
+    # Q(q·c, s) = Q(q, s/c): the same integers, so the DequantizeLinear keeps s.
+    assert_numerically_close(before, after, feeds[0], rtol=1e-5, atol_rel=1e-6)
+    quant = next(n for n in after.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "qr")
+    scale = quant.inputs[1]
+    assert scale.name.endswith("_folded")
+    dq = next(use.node for use in quant.outputs[0].uses())
+    np.testing.assert_allclose(scale.const_value.numpy(), dq.inputs[1].const_value.numpy() / 0.25, rtol=1e-6)
+    assert any("into the scale of" in n for n in notes(after))
+
+
+def test_a_scaled_input_read_elsewhere_stays():
+    # qs is also a graph output: the float tensor must keep its values.
+    model, _ = _scaled_input(", float[2,5,2,4] qs")
+    assert not _fold(model) and count_ops(model)["Mul"] == 1

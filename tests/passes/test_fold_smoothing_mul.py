@@ -163,3 +163,30 @@ def test_option_folds_the_context_mul_and_off_keeps_it():
     assert count_ops(off.model)["Mul"] - count_ops(on.model)["Mul"] == 1
     reference, quantized = run(model, feeds[0])[0], run(on.model, feeds[0])[0]
     assert sqnr_db(reference, quantized) > 25
+
+
+# GPT-2's c_attn: one packed projection for q, k and v, split on its last axis.
+PACKED = CONTEXT.replace("  m = MatMul(x, wv)\n  v = Add(m, bv)\n", "  m = MatMul(x, wqkv)\n  qkv = Add(m, bqkv)\n"
+                         "  q, k, v = Split <axis=-1> (qkv, sizes)\n").replace(
+    "=> (float[N,6,8] y)", "=> (float[N,6,8] y, float[N,6,8] q, float[N,6,8] k)")
+PACKED_WEIGHTS = dict(wqkv=rng.normal(size=(8, 24)).astype(np.float32), bqkv=rng.normal(size=24).astype(np.float32),
+                      sizes=np.array([8, 8, 8]))
+
+
+def test_a_packed_projection_scales_only_the_value_columns():
+    before, after = _model(text=PACKED, **PACKED_WEIGHTS), _model(text=PACKED, **PACKED_WEIGHTS)
+    assert FoldSmoothingMulPass()(after).modified
+    common_passes.RemoveUnusedNodesPass()(after)
+    assert count_ops(after)["Mul"] == 0
+    assert_numerically_close(before, after, _feed(), rtol=1e-5, atol_rel=1e-5)
+    factors = np.concatenate([np.ones(16, np.float32), WEIGHTS["factor"]])
+    np.testing.assert_allclose(after.graph.initializers["wqkv"].const_value.numpy(), PACKED_WEIGHTS["wqkv"] * factors, rtol=1e-6)
+    np.testing.assert_allclose(after.graph.initializers["bqkv"].const_value.numpy(), PACKED_WEIGHTS["bqkv"] * factors, rtol=1e-6)
+
+
+def test_a_split_across_the_channels_of_a_piece_is_declined():
+    # Pieces of 4, 4 and 16 columns: v (16) is not the 8 channels the context merges back.
+    text = PACKED.replace("float[N,6,8] q, float[N,6,8] k", "float[N,6,4] q, float[N,6,4] k")
+    model = _model(text=text, **{**PACKED_WEIGHTS, "sizes": np.array([4, 4, 16])})
+    FoldSmoothingMulPass()(model)
+    assert count_ops(model)["Mul"] == 1
