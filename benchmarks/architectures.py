@@ -319,6 +319,7 @@ _COUNTS = (
     ("smoothed", re.compile(r"^smooth_quant: '")),
     ("fused_matmuls", re.compile(r"^(\d+) MatMuls sharing a dynamically quantized input")),
     ("fused_groups", re.compile(r"MatMuls sharing a dynamically quantized input run as (\d+)")),
+    ("quantized_once", re.compile(r"; (\d+) of the \d+ quantize their output once before the Split")),
     ("scales_folded", re.compile(r"^fold_matmul_scale: (\d+) constant")),
     ("muls_folded_upstream", re.compile(r"^fold_smoothing_mul: (\d+) SmoothQuant")),
 )
@@ -417,7 +418,7 @@ def table(results: list[dict]) -> str:
                 lines.append(f"| {res['model']} | {res['exporter']} | {config} | {row['error']} |" + " |" * 8)
                 continue
             m, p = row["metrics"], row["passes"]
-            fused = f"{p['fused_matmuls']}→{p['fused_groups']}" if p["fused_groups"] else "0"
+            fused = f"{p['fused_matmuls']}→{p['fused_groups']} ({p['quantized_once']} Q once)" if p["fused_groups"] else "0"
             ms = f"{res.get('float_ms', 0):.3f} → {row.get('latency_ms', 0):.3f}" if "latency_ms" in row else "—"
             lines.append(
                 f"| {res['model']} | {res['exporter']} (opset {res['opset']}) | {config} | "
