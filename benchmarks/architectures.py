@@ -14,7 +14,8 @@ with fixed seeds so the activations are those of a trained model (no downloads):
   ``in_proj``) classifying digits read as 8 rows of 8 pixels. Metric: test accuracy.
 
 Each model is exported with the TorchScript exporter (``dynamo=False``, opset 17) and the dynamo
-exporter (opset 18), where each works, and compiled three ways: qcompile's defaults,
+exporter (torch 2.13 writes opset 20; it fixes nn.MultiheadAttention's batch at the example's 1, so
+that model is evaluated one sample at a time), and compiled three ways: qcompile's defaults,
 ``fold_upstream`` on, and sibling fusion off. Each row gives the metric and output SQNR on held-out
 data, what the passes did (from the compile report's pass notes), the fusion check, and 1-thread
 batch-1 latency against float (interleaved; rough on a shared machine).

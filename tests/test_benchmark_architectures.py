@@ -30,6 +30,8 @@ def test_vit_quick_run_applies_the_transformer_passes(tmp_path, capsys):
     default = rows["default"]["passes"]
     # Each block's q/k/v projections run as one product.
     assert (default["fused_matmuls"], default["fused_groups"]) == (6, 2)
+    # With q's scale folded first, each group quantizes q, k, v once before its Split.
+    assert default["quantized_once"] == 2
     assert rows["no_sibling_fusion"]["passes"]["fused_groups"] == 0
     # Both attention contexts' SmoothQuant Muls go into their V projections, only when asked.
     assert default["muls_folded_upstream"] == 0 and rows["fold_upstream"]["passes"]["muls_folded_upstream"] == 2
