@@ -209,3 +209,16 @@ def test_cli_target_and_no_latency(tmp_path):
     bad = CliRunner().invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "b.onnx"), "--calib", str(calib),
                                     "--target", "tpu"])
     assert bad.exit_code == 2
+
+
+def test_latency_slower_than_float_is_a_warning_line():
+    from qcompile.report.text import _latency_lines
+
+    latency = {"provider": "cpu", "threads": 1, "batches": [
+        {"batch": 1, "float_median_ms": 1.0, "compiled_median_ms": 1.25, "speedup": 0.8, "runs": 9},
+        {"batch": 8, "float_median_ms": 4.0, "compiled_median_ms": 2.0, "speedup": 2.0, "runs": 9},
+    ]}
+    lines = _latency_lines(latency)
+    assert lines[-1] == "WARNING: the compiled model ran slower than float at batch 1 (0.8x)"
+    latency["batches"][0].update(compiled_median_ms=0.5, speedup=2.0)
+    assert not any("WARNING" in line for line in _latency_lines(latency))

@@ -155,4 +155,11 @@ def _latency_lines(latency: dict | None) -> list[str]:
         else:
             rows.append([str(row["batch"]), _fmt(row["float_median_ms"]), _fmt(row["compiled_median_ms"]),
                          f"{_fmt(row['speedup'])}x over {row['runs']} runs"])
-    return lines + _table(["batch", "float ms", "compiled ms", "speedup"], rows)
+    lines += _table(["batch", "float ms", "compiled ms", "speedup"], rows)
+    slower = [f"batch {row['batch']} ({_fmt(row['speedup'])}x)" for row in latency["batches"]
+              if row.get("speedup") is not None and row["speedup"] < 1.0]
+    if slower:
+        # Said in words: a ratio under 1 in a table is easy to miss, and it is the one thing a
+        # quantized model must not do. On a shared machine a ratio near 1 can be noise.
+        lines.append(f"WARNING: the compiled model ran slower than float at {', '.join(slower)}")
+    return lines
