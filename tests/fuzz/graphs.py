@@ -31,6 +31,8 @@ import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.fuzz import sequence_steps
+
 OPSET = 17
 BATCH = "N"
 MAX_SIDE = 16
@@ -61,6 +63,7 @@ class _Builder:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.conv_weights: dict[tuple, str] = {}  # (weight shape, group) -> initializer, for sharing
         self.steps: list[str] = []
+        self.outputs: list[str] = []  # extra graph outputs a step makes (the current tensor is added at the end)
         self._count = 0
 
     def name(self, prefix: str) -> str:
@@ -455,6 +458,8 @@ STEPS_2D = {
     "squeeze_unsqueeze": (_squeeze_unsqueeze, 1),
     "branches": (_branches2, 1),
     "to_4d": (_back_to_4d, 1),
+    "siblings": (sequence_steps.siblings, 1),
+    "scaled_matmul": (sequence_steps.scaled_matmul, 1),
 }
 
 
@@ -466,13 +471,17 @@ def _weighted(table: dict) -> list[str]:
 def fuzz_models(draw, max_steps: int = 6) -> FuzzModel:
     seed = draw(st.integers(0, 2**32 - 1))
     b = _Builder(np.random.default_rng(seed))
-    c, h, w = draw(st.integers(1, 4)), draw(st.integers(3, 10)), draw(st.integers(3, 10))
-    b.shapes["x"] = (-1, c, h, w)
+    # A quarter of the models are transformer-like: a (N, S, D) sequence and the steps of sequence_steps.
+    if draw(st.integers(0, 3)) == 0:
+        input_shape: tuple[int, ...] = (draw(st.integers(1, 6)), draw(st.sampled_from(sequence_steps.SEQ_WIDTHS)))
+    else:
+        input_shape = (draw(st.integers(1, 4)), draw(st.integers(3, 10)), draw(st.integers(3, 10)))
+    b.shapes["x"] = (-1, *input_shape)
     x = "x"
-    outputs: list[str] = []
+    outputs = b.outputs
     for _ in range(draw(st.integers(1, max_steps))):
         rank = len(b.shapes[x])
-        table = STEPS_4D if rank == 4 else STEPS_2D
+        table = {4: STEPS_4D, 3: sequence_steps.STEPS_3D, 2: STEPS_2D}[rank]
         step = draw(st.sampled_from(_weighted(table)))
         if rank == 4 and max(b.shapes[x][2:]) > MAX_SIDE:
             step = "pool"
@@ -506,4 +515,4 @@ def fuzz_models(draw, max_steps: int = 6) -> FuzzModel:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
-    return FuzzModel(proto=proto, input_shape=(c, h, w), steps=b.steps)
+    return FuzzModel(proto=proto, input_shape=input_shape, steps=b.steps)
