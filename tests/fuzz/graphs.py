@@ -468,11 +468,12 @@ def _weighted(table: dict) -> list[str]:
 
 
 @st.composite
-def fuzz_models(draw, max_steps: int = 6) -> FuzzModel:
+def fuzz_models(draw, max_steps: int = 6, sequence: bool | None = None) -> FuzzModel:
+    """``sequence``: True draws only transformer-like models, False only image-like, None both."""
     seed = draw(st.integers(0, 2**32 - 1))
     b = _Builder(np.random.default_rng(seed))
     # A quarter of the models are transformer-like: a (N, S, D) sequence and the steps of sequence_steps.
-    if draw(st.integers(0, 3)) == 0:
+    if sequence if sequence is not None else draw(st.integers(0, 3)) == 0:
         input_shape: tuple[int, ...] = (draw(st.integers(1, 6)), draw(st.sampled_from(sequence_steps.SEQ_WIDTHS)))
     else:
         input_shape = (draw(st.integers(1, 4)), draw(st.integers(3, 10)), draw(st.integers(3, 10)))
