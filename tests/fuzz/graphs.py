@@ -15,7 +15,11 @@ side) and then a chain of steps, each applying one op or a small block to the cu
   (x · Sigmoid(Conv(GAP x))), one weight initializer shared by two Convs; Dropout anywhere.
 
 The graph is 4-D until a step flattens it to (N, features); 2-D steps may go back to 4-D through
-Unsqueeze. Weights come from a numpy generator seeded by a drawn seed, scaled by 1/sqrt(fan-in)
+Unsqueeze. 2-D steps also include several MatMuls reading one tensor and a MatMul scaled by a
+constant. A quarter of the models are transformer-like instead: a (N, S, D) input and the steps of
+``sequence_steps.py`` (sibling MatMuls, attention blocks, scaled MatMuls, LayerNormalization and
+outlier channels), which reach the MatMul passes (SmoothQuant, dynamic quantization, sibling fusion,
+scale folding). Weights come from a numpy generator seeded by a drawn seed, scaled by 1/sqrt(fan-in)
 so activations stay of order 1, as in a trained net. Shapes are tracked here with the ONNX shape
 formulas and declared on the outputs; onnx's strict shape inference and full checker must accept
 the result, and the fuzz test first runs it in onnxruntime.

@@ -23,6 +23,10 @@ the input (about range / 255). The bugs this looks for (a wrong channel axis, bi
 point, a rewrite that changes the function, a model onnxruntime refuses to run) give SQNR near or
 below 0 dB with errors of the order of the signal, or an error.
 
+Transformer-like graphs (a quarter of the draws, ``sequence_steps.py``) also run with SmoothQuant's
+Mul folded upstream (``SmoothQuantOptions(fold_upstream=True)``) and for the tensorrt target (where
+``fold_matmul_scale`` must not run, and the TensorRT structure check must pass).
+
 The default run is bounded and derandomized (the same examples every run); the slow run draws many
 more: ``python -m pytest -m slow tests/fuzz`` (see ``conftest.py``).
 """
