@@ -68,6 +68,9 @@ class _Builder:
         self.conv_weights: dict[tuple, str] = {}  # (weight shape, group) -> initializer, for sharing
         self.steps: list[str] = []
         self.outputs: list[str] = []  # extra graph outputs a step makes (the current tensor is added at the end)
+        # How far the sequence steps' outlier channels may have grown the current tensor (attention
+        # divides its query/key weights by it: scores stay of order 1, as in a trained model).
+        self.gain = 1.0
         self._count = 0
 
     def name(self, prefix: str) -> str:
