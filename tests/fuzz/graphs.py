@@ -15,7 +15,11 @@ side) and then a chain of steps, each applying one op or a small block to the cu
   (x · Sigmoid(Conv(GAP x))), one weight initializer shared by two Convs; Dropout anywhere.
 
 The graph is 4-D until a step flattens it to (N, features); 2-D steps may go back to 4-D through
-Unsqueeze. Weights come from a numpy generator seeded by a drawn seed, scaled by 1/sqrt(fan-in)
+Unsqueeze. 2-D steps also include several MatMuls reading one tensor and a MatMul scaled by a
+constant. A quarter of the models are transformer-like instead: a (N, S, D) input and the steps of
+``sequence_steps.py`` (sibling MatMuls, attention blocks, scaled MatMuls, LayerNormalization and
+outlier channels), which reach the MatMul passes (SmoothQuant, dynamic quantization, sibling fusion,
+scale folding). Weights come from a numpy generator seeded by a drawn seed, scaled by 1/sqrt(fan-in)
 so activations stay of order 1, as in a trained net. Shapes are tracked here with the ONNX shape
 formulas and declared on the outputs; onnx's strict shape inference and full checker must accept
 the result, and the fuzz test first runs it in onnxruntime.
@@ -30,6 +34,8 @@ import numpy as np
 import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.fuzz import sequence_steps
 
 OPSET = 17
 BATCH = "N"
@@ -61,6 +67,10 @@ class _Builder:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.conv_weights: dict[tuple, str] = {}  # (weight shape, group) -> initializer, for sharing
         self.steps: list[str] = []
+        self.outputs: list[str] = []  # extra graph outputs a step makes (the current tensor is added at the end)
+        # How far the sequence steps' outlier channels may have grown the current tensor (attention
+        # divides its query/key weights by it: scores stay of order 1, as in a trained model).
+        self.gain = 1.0
         self._count = 0
 
     def name(self, prefix: str) -> str:
@@ -455,6 +465,8 @@ STEPS_2D = {
     "squeeze_unsqueeze": (_squeeze_unsqueeze, 1),
     "branches": (_branches2, 1),
     "to_4d": (_back_to_4d, 1),
+    "siblings": (sequence_steps.siblings, 1),
+    "scaled_matmul": (sequence_steps.scaled_matmul, 1),
 }
 
 
@@ -463,16 +475,21 @@ def _weighted(table: dict) -> list[str]:
 
 
 @st.composite
-def fuzz_models(draw, max_steps: int = 6) -> FuzzModel:
+def fuzz_models(draw, max_steps: int = 6, sequence: bool | None = None) -> FuzzModel:
+    """``sequence``: True draws only transformer-like models, False only image-like, None both."""
     seed = draw(st.integers(0, 2**32 - 1))
     b = _Builder(np.random.default_rng(seed))
-    c, h, w = draw(st.integers(1, 4)), draw(st.integers(3, 10)), draw(st.integers(3, 10))
-    b.shapes["x"] = (-1, c, h, w)
+    # A quarter of the models are transformer-like: a (N, S, D) sequence and the steps of sequence_steps.
+    if sequence if sequence is not None else draw(st.integers(0, 3)) == 0:
+        input_shape: tuple[int, ...] = (draw(st.integers(1, 6)), draw(st.sampled_from(sequence_steps.SEQ_WIDTHS)))
+    else:
+        input_shape = (draw(st.integers(1, 4)), draw(st.integers(3, 10)), draw(st.integers(3, 10)))
+    b.shapes["x"] = (-1, *input_shape)
     x = "x"
-    outputs: list[str] = []
+    outputs = b.outputs
     for _ in range(draw(st.integers(1, max_steps))):
         rank = len(b.shapes[x])
-        table = STEPS_4D if rank == 4 else STEPS_2D
+        table = {4: STEPS_4D, 3: sequence_steps.STEPS_3D, 2: STEPS_2D}[rank]
         step = draw(st.sampled_from(_weighted(table)))
         if rank == 4 and max(b.shapes[x][2:]) > MAX_SIDE:
             step = "pool"
@@ -506,4 +523,4 @@ def fuzz_models(draw, max_steps: int = 6) -> FuzzModel:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
-    return FuzzModel(proto=proto, input_shape=(c, h, w), steps=b.steps)
+    return FuzzModel(proto=proto, input_shape=input_shape, steps=b.steps)
