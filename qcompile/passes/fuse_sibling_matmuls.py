@@ -197,12 +197,15 @@ class FuseSiblingMatMulsPass(ir.passes.InPlacePass):
             else:
                 chain[0].replace_input_with(0, part)
                 for movement in chain[:-1]:
+                    # Now integer: a float model's tensor name must not hold integers (the
+                    # precision search's keep-one-float edit and name-based comparisons read
+                    # such a name as the float tensor).
                     movement.outputs[0].dtype = dtype
+                    movement.outputs[0].name = self._fresh(f"{movement.outputs[0].name}_quantized")
                 tail = chain[-2].outputs[0]
             name = quant.outputs[0].name
             quant.outputs[0].name = self._fresh(f"{name}_unfused")
-            if len(chain) == 1:
-                part.name = name  # keep the quantized tensor's name (the movement ops keep theirs)
+            tail.name = name  # the quantized tensor's name, read by its DequantizeLinear as before
             quant.outputs[0].replace_all_uses_with(tail, replace_graph_outputs=True)
             self._graph.remove(quant, safe=True)
         return [to_blocks, quantize, to_flat, split]

@@ -37,6 +37,22 @@ from qcompile.precision.budget import min_sqnr_db, sample_errors
 from qcompile.precision.evaluate import Evaluator, Feed
 
 FORMAT = "qcompile-sensitivity/1"
+_INTEGER_MAKERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+# Ops whose output has their first input's element type.
+_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split", "Slice", "Gather", "Concat"})
+
+
+def _is_float(name: str, producers: dict, inputs: set[str], initializers: set[str]) -> bool:
+    """Whether ``name`` exists in the model and is not integer data (followed back through data
+    movement to the op that made it; the compiled graph carries no intermediate types)."""
+    while name not in inputs and name not in initializers:
+        node = producers.get(name)
+        if node is None or node.op_type in _INTEGER_MAKERS:
+            return False
+        if node.op_type not in _MOVEMENT:
+            return True
+        name = node.input[0]
+    return True
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,14 @@ def keep_float_variant(int8: onnx.ModelProto, cleaned: onnx.ModelProto, layer: s
         return None
     have = {i.name for i in variant.graph.initializer}
     float_initializers = {i.name: i for i in cleaned.graph.initializer}
+    producers = {o: n for n in variant.graph.node for o in n.output}
+    inputs = {i.name for i in variant.graph.input}
+    for name in float_node.input:
+        # The float tensor must still exist as float: where a pass moved the quantization before
+        # the data movement (sibling fusion quantizes Q/K/V once before their Reshape/Transpose),
+        # the float tensor L read is gone and only a compile can keep L float.
+        if name and name not in float_initializers and not _is_float(name, producers, inputs, have):
+            return None
     for index, name in enumerate(float_node.input):
         if index < len(node.input):
             node.input[index] = name

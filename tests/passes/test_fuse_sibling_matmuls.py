@@ -240,3 +240,15 @@ def test_quantize_before_split_with_chains_of_different_lengths():
         np.testing.assert_array_equal(run(fused.model, feed)[0], run(unfused.model, feed)[0])
         np.testing.assert_array_equal(_run_optimized(fused.model, feed)[0], _run_optimized(unfused.model, feed)[0])
     assert check_fusion(fused.model).fused
+
+
+def test_float_tensor_names_never_hold_integers(attention):
+    # The Reshape/Transpose that now run on uint8 get new names: a name of the float model still
+    # means that float tensor (the precision search's keep-one-float edit reads it as float).
+    fused, _, inits = attention
+    float_names = {o for n in parse_model(ATTENTION, inits).graph for o in (v.name for v in n.outputs)}
+    movement = [n for n in fused.model.graph.node if n.op_type in ("Reshape", "Transpose")]
+    integer = [o for n in movement for o in n.output if any(
+        d.op_type == "DequantizeLinear" and d.input[0] == o for d in fused.model.graph.node)]
+    assert integer  # the head reshapes/transposes run on uint8 ...
+    assert not set(integer) & float_names  # ... under names the float model does not have

@@ -89,3 +89,33 @@ def test_rewritten_layers_are_compiled():
     ranked = measure([("mm1", "MatMul"), ("mm2", "MatMul"), ("mm3", "MatMul")], int8.proto, cleaned, evaluator, int8_sqnr, build)
     assert frozenset({"mm1"}) in built
     assert ranked[0].name == "mm2" and ranked[0].gain_db > 3.0
+
+
+def test_no_edit_when_the_float_input_is_gone_or_integer():
+    # A pass that moved the quantization before the data movement (sibling fusion) leaves no float
+    # tensor for the layer to read: the edit must give None (the layer is compiled), not a model
+    # that reads a missing or uint8 tensor as float.
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    cleaned = helper.make_model(helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], name="tr"), helper.make_node("MatMul", ["t", "w"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])], [w]))
+
+    def int8_model(transposed_name):
+        s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+        z = numpy_helper.from_array(np.array(128, np.uint8), "z")
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+            helper.make_node("Transpose", ["xq"], [transposed_name]),
+            helper.make_node("DequantizeLinear", [transposed_name, "s", "z"], ["td"]),
+            helper.make_node("MatMul", ["td", "w"], ["y"], name="mm"),
+        ]
+        return helper.make_model(helper.make_graph(nodes, "g", list(cleaned.graph.input), list(cleaned.graph.output), [w, s, z]))
+
+    assert keep_float_variant(int8_model("t_quantized"), cleaned, "mm") is None  # "t" is gone
+    # "t" exists but holds uint8 (a Transpose of a QuantizeLinear's output): not a float tensor.
+    assert keep_float_variant(int8_model("t"), cleaned, "mm") is None
