@@ -41,3 +41,37 @@ def node_count(model: ir.Model) -> int:
 
 def opset_version(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+# Ops that move elements without changing them: a per-tensor scale or quantization commutes with each.
+ELEMENT_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def is_op(node: ir.Node | None, op_type: str) -> bool:
+    """Whether ``node`` is the standard-domain ``op_type``."""
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def sole_reader(value: ir.Value) -> ir.Node | None:
+    """The one node reading ``value`` (once), or None: no reader, several, or a graph output."""
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def chain_to_quantize(value: ir.Value, max_nodes: int | None = None) -> list[ir.Node] | None:
+    """``[movement ops..., QuantizeLinear]`` when ``value``'s only path is element movement into a
+    QuantizeLinear (each node the sole reader, at its data input), at most ``max_nodes`` long; else None."""
+    chain: list[ir.Node] = []
+    while max_nodes is None or len(chain) < max_nodes:
+        reader = sole_reader(value)
+        if reader is None or reader.domain not in ("", "ai.onnx") or reader.inputs[0] is not value:
+            return None
+        chain.append(reader)
+        if reader.op_type == "QuantizeLinear":
+            return chain
+        if reader.op_type not in ELEMENT_MOVEMENT or len(reader.outputs) != 1:
+            return None
+        value = reader.outputs[0]
+    return None

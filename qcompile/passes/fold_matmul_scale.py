@@ -54,16 +54,11 @@ import onnx_ir as ir
 
 from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
-from qcompile.graph.queries import constant_array
+from qcompile.graph.queries import chain_to_quantize, constant_array, is_op
 
 
-# Ops that move elements without changing them: a scalar factor commutes with each.
-_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+# The longest chain of element movement (a scalar factor commutes with each) up to a QuantizeLinear.
 _MAX_MOVEMENT = 8
-
-
-def _is_op(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
 def _only_reader(value: ir.Value, node: ir.Node) -> bool:
@@ -72,7 +67,7 @@ def _only_reader(value: ir.Value, node: ir.Node) -> bool:
 
 def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
     """(the scaled tensor, c) when ``node`` is ``Mul(x, c)``, ``Mul(c, x)`` or ``Div(x, 1/c)``, c > 0 finite."""
-    if not (_is_op(node, "Mul") or _is_op(node, "Div")) or len(node.inputs) != 2 or None in node.inputs:
+    if not (is_op(node, "Mul") or is_op(node, "Div")) or len(node.inputs) != 2 or None in node.inputs:
         return None
     sides = [(1, 0)] if node.op_type == "Div" else [(1, 0), (0, 1)]
     for const_idx, x_idx in sides:
@@ -133,12 +128,12 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
         """(True, where c went), (False, why a quantized MatMul cannot take it), or None: no quantized MatMul."""
         producer = x.producer()
         bias_add = None
-        if _is_op(producer, "Add") and len(producer.inputs) == 2:
+        if is_op(producer, "Add") and len(producer.inputs) == 2:
             # The dynamic form's bias: Add(Mul(Cast(MatMulInteger), scale), b).
             bias_add, producer = producer, producer.inputs[0].producer() if producer.inputs[0] is not None else None
             if _dynamic_scale(producer) is None or constant_array(bias_add.inputs[1]) is None:
                 return None
-        if _is_op(producer, "MatMul"):
+        if is_op(producer, "MatMul"):
             return self._fold_static(x, c, mul, producer)
         scale_mul = _dynamic_scale(producer)
         if scale_mul is None:
@@ -158,7 +153,7 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
         return True, f"{scale_mul.name}'s weight scale" + (" and the bias" if bias_add is not None else "")
 
     def _fold_static(self, x: ir.Value, c: float, mul: ir.Node, matmul: ir.Node) -> tuple[bool, str] | None:
-        dqs = [v.producer() for v in matmul.inputs if v is not None and _is_op(v.producer(), "DequantizeLinear")]
+        dqs = [v.producer() for v in matmul.inputs if v is not None and is_op(v.producer(), "DequantizeLinear")]
         dqs = [dq for dq in dqs if constant_array(dq.inputs[1]) is not None]
         if not dqs:
             return None  # a float MatMul: not ours to change
@@ -177,19 +172,11 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
     @staticmethod
     def _quantize_reader(mul: ir.Node) -> ir.Node | None:
         """The QuantizeLinear (constant one-element scale) that alone reads ``mul``'s output, through movement ops."""
-        value = mul.outputs[0]
-        for _ in range(_MAX_MOVEMENT):
-            uses = list(value.uses())
-            if value.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
-                return None
-            reader = uses[0].node
-            if _is_op(reader, "QuantizeLinear"):
-                scale = constant_array(reader.inputs[1])
-                return reader if scale is not None and scale.size == 1 else None
-            if not any(_is_op(reader, op) for op in _MOVEMENT) or len(reader.outputs) != 1:
-                return None
-            value = reader.outputs[0]
-        return None
+        chain = chain_to_quantize(mul.outputs[0], max_nodes=_MAX_MOVEMENT)
+        if chain is None:
+            return None
+        scale = constant_array(chain[-1].inputs[1])
+        return chain[-1] if scale is not None and scale.size == 1 else None
 
     def _scaled(self, value: ir.Value, c: float) -> ir.Value:
         """A new initializer: ``value``'s data times c, in its dtype."""
@@ -203,11 +190,11 @@ class FoldMatMulScalePass(ir.passes.InPlacePass):
 
 def _dynamic_scale(node: ir.Node | None) -> ir.Node | None:
     """The ``Mul(s_x, s_w)`` (s_w constant) when ``node`` is ``Mul(Cast(MatMulInteger), Mul(s_x, s_w))``."""
-    if not _is_op(node, "Mul") or len(node.inputs) != 2 or None in node.inputs:
+    if not is_op(node, "Mul") or len(node.inputs) != 2 or None in node.inputs:
         return None
     cast, scale_mul = (v.producer() for v in node.inputs)
-    if not _is_op(cast, "Cast") or not _is_op(scale_mul, "Mul") or len(scale_mul.inputs) != 2:
+    if not is_op(cast, "Cast") or not is_op(scale_mul, "Mul") or len(scale_mul.inputs) != 2:
         return None
-    if not _is_op(cast.inputs[0].producer(), "MatMulInteger") or constant_array(scale_mul.inputs[1]) is None:
+    if not is_op(cast.inputs[0].producer(), "MatMulInteger") or constant_array(scale_mul.inputs[1]) is None:
         return None
     return scale_mul

@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
-from qcompile.graph.queries import constant_array
+from qcompile.graph.queries import constant_array, is_op
 from qcompile.passes.smooth_quant import SMOOTHING_MUL
 from qcompile.quant.spec import FLOAT_REASON_KEY, RANGE_METHOD_KEY
 
@@ -52,10 +52,6 @@ class _Declined(Exception):
     """Why a chain cannot take the scale (a message for the report)."""
 
 
-def _is_op(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
 def _rank(value: ir.Value) -> int:
     if value.shape is None:
         raise _Declined(f"the rank of {value.name!r} is unknown")
@@ -63,7 +59,7 @@ def _rank(value: ir.Value) -> int:
 
 
 def _weight(node: ir.Node) -> np.ndarray | None:
-    if not _is_op(node, "MatMul") or len(node.inputs) != 2 or None in node.inputs:
+    if not is_op(node, "MatMul") or len(node.inputs) != 2 or None in node.inputs:
         return None
     data = constant_array(node.inputs[1])
     if data is None or data.ndim != 2 or data.dtype != np.float32 or constant_array(node.inputs[0]) is not None:
@@ -84,16 +80,16 @@ def _chain(value: ir.Value, steps: int = 0) -> Chain:
         raise _Declined(f"no weight MatMul within {_MAX_STEPS} channel-preserving steps")
     if _weight(node) is not None:
         return [(node, 0, value)]
-    if _is_op(node, "Add") and len(node.inputs) == 2:
+    if is_op(node, "Add") and len(node.inputs) == 2:
         constant = [constant_array(v) is not None for v in node.inputs]
         if constant.count(True) == 1:
             i = constant.index(False)
             return _chain(node.inputs[i], steps + 1) + [(node, i, value)]
-    elif (_is_op(node, "Reshape") or _is_op(node, "Transpose") or _is_op(node, "Split")) and node.inputs[0] is not None:
+    elif (is_op(node, "Reshape") or is_op(node, "Transpose") or is_op(node, "Split")) and node.inputs[0] is not None:
         # Split: a packed projection's (GPT-2's c_attn) output divided into q, k, v; its other
         # outputs may have readers of their own, the columns they hold keep factor 1.
         return _chain(node.inputs[0], steps + 1) + [(node, 0, value)]
-    elif _is_op(node, "MatMul") and len(node.inputs) == 2 and None not in node.inputs:
+    elif is_op(node, "MatMul") and len(node.inputs) == 2 and None not in node.inputs:
         reasons = []
         for i in (1, 0):
             try:
@@ -111,7 +107,7 @@ def _reshape_target(node: ir.Node) -> list[int | None]:
     if data is not None:
         return [int(v) for v in data.reshape(-1)]
     concat = shape.producer()
-    if not _is_op(concat, "Concat"):
+    if not is_op(concat, "Concat"):
         raise _Declined(f"the target shape of {node.name} is not constant")
     entries: list[int | None] = []
     for piece in concat.inputs:
@@ -233,7 +229,7 @@ class FoldSmoothingMulPass(ir.passes.InPlacePass):
         names = FreshNames(graph)
         folded, declined = 0, []
         for mul in list(graph):
-            if mul.metadata_props.get(FLOAT_REASON_KEY) != SMOOTHING_MUL or not _is_op(mul, "Mul"):
+            if mul.metadata_props.get(FLOAT_REASON_KEY) != SMOOTHING_MUL or not is_op(mul, "Mul"):
                 continue
             try:
                 plan = _plan(mul)
@@ -307,7 +303,7 @@ def _apply(mul: ir.Node, chain: Chain, s: np.ndarray, indices: list[np.ndarray],
             bias.shape = ir.Shape(scaled.shape)
     x = mul.inputs[0]
     producer = x.producer()
-    if not _is_op(producer, "MatMul"):
+    if not is_op(producer, "MatMul"):
         # A Reshape/Transpose/Add would turn int8 for its int8 readers (annotation), and the
         # activation-activation MatMul before it would then return int8: the readers would read a
         # statically calibrated int8 tensor where they quantized the float Mul output at run time.

@@ -54,12 +54,11 @@ import onnx_ir as ir
 
 from qcompile.graph.names import FreshNames
 from qcompile.graph.notes import add_note
-from qcompile.graph.queries import constant_array, opset_version
+from qcompile.graph.queries import chain_to_quantize, constant_array, opset_version, sole_reader
 from qcompile.quant.spec import DECISION_KEY
 
 # Ops that move or relabel elements without changing values: a scalar-scale QuantizeLinear commutes
 # with them. Each must read the moved tensor as its first input.
-_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
 @dataclass
@@ -239,13 +238,6 @@ def _siblings(dql: ir.Node) -> tuple[dict[tuple, list[_Sibling]], dict[str, int]
     return groups, declined
 
 
-def _only_reader(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    if value.is_graph_output() or len(uses) != 1:
-        return None
-    return uses[0].node
-
-
 def _match(dql: ir.Node, integer: ir.Node) -> _Sibling | str | None:
     """The sibling of ``quantize_dynamic_matmul``'s form, a reason it cannot fuse, or None (another form)."""
     if len(integer.inputs) < 3 or integer.inputs[2] is not dql.outputs[2]:
@@ -255,20 +247,20 @@ def _match(dql: ir.Node, integer: ir.Node) -> _Sibling | str | None:
         return "its weight is not a constant"
     if weight.dtype != np.int8 or weight.ndim != 2:
         return "its weight is not a 2-D int8 matrix"
-    cast = _only_reader(integer.outputs[0])
+    cast = sole_reader(integer.outputs[0])
     if cast is None or cast.op_type != "Cast" or cast.attributes.get_int("to") != ir.DataType.FLOAT:
         return None
-    rescale = _only_reader(cast.outputs[0])
+    rescale = sole_reader(cast.outputs[0])
     if rescale is None or rescale.op_type != "Mul" or rescale.inputs[0] is not cast.outputs[0]:
         return None
     scale = rescale.inputs[1].producer()
-    if scale is None or scale.op_type != "Mul" or scale.inputs[0] is not dql.outputs[1] or _only_reader(scale.outputs[0]) is not rescale:
+    if scale is None or scale.op_type != "Mul" or scale.inputs[0] is not dql.outputs[1] or sole_reader(scale.outputs[0]) is not rescale:
         return None
     w_scale = constant_array(scale.inputs[1])
     if w_scale is None or w_scale.size not in (1, weight.shape[1]):
         return None
     nodes, out, bias = [integer, cast, scale, rescale], rescale.outputs[0], None
-    add = _only_reader(out)
+    add = sole_reader(out)
     if add is not None and add.op_type == "Add" and add.inputs[0] is out:
         data = constant_array(add.inputs[1])
         if data is not None and data.ndim == 1 and data.shape[0] == weight.shape[1] and add.inputs[1].dtype == ir.DataType.FLOAT:
@@ -279,17 +271,9 @@ def _match(dql: ir.Node, integer: ir.Node) -> _Sibling | str | None:
 
 def _quantize_chain(value: ir.Value) -> list[ir.Node] | None:
     """[movement ops..., QuantizeLinear] when the value's only path is that, with a scalar scale."""
-    chain: list[ir.Node] = []
-    while True:
-        reader = _only_reader(value)
-        if reader is None or reader.domain not in ("", "ai.onnx") or reader.inputs[0] is not value:
-            return None
-        chain.append(reader)
-        if reader.op_type == "QuantizeLinear":
-            break
-        if reader.op_type not in _MOVEMENT or len(reader.outputs) != 1:
-            return None
-        value = reader.outputs[0]
+    chain = chain_to_quantize(value)
+    if chain is None:
+        return None
     quant = chain[-1]
     if quant.outputs[0].is_graph_output() or len(quant.inputs) != 3 or set(quant.attributes) - {"axis"}:
         return None

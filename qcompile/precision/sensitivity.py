@@ -39,7 +39,7 @@ from qcompile.precision.evaluate import Evaluator, Feed
 FORMAT = "qcompile-sensitivity/1"
 _INTEGER_MAKERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 # Ops whose output has their first input's element type.
-_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split", "Slice", "Gather", "Concat"})
+_SAME_TYPE_AS_INPUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split", "Slice", "Gather", "Concat"})
 
 
 def _is_float(name: str, producers: dict, inputs: set[str], initializers: set[str]) -> bool:
@@ -49,7 +49,7 @@ def _is_float(name: str, producers: dict, inputs: set[str], initializers: set[st
         node = producers.get(name)
         if node is None or node.op_type in _INTEGER_MAKERS:
             return False
-        if node.op_type not in _MOVEMENT:
+        if node.op_type not in _SAME_TYPE_AS_INPUT:
             return True
         name = node.input[0]
     return True
